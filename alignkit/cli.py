@@ -1,0 +1,56 @@
+"""`alignkit <command>`: each command lives beside the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from alignkit.errors import UserError
+
+# command name -> module with `add_<name>_command(subparsers)`; that function sets `func` on its parser.
+COMMANDS: dict[str, str] = {
+    "quickstart": "alignkit.quickstart",
+    "train": "alignkit.trainers.cli",
+    "generate": "alignkit.generation.cli",
+    "convert": "alignkit.checkpoint.cli",
+    "info": "alignkit.checkpoint.cli",
+    "merge": "alignkit.model.lora_cli",
+    "tokenizer": "alignkit.tokenizer.cli",
+    "score": "alignkit.rewards.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="Train and align Llama-family language models, from pretraining to RLHF."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue  # command not built yet
+            raise
+        getattr(module, f"add_{name}_command")(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except (UserError, FileNotFoundError) as e:
+        # Errors raised for bad user input carry full sentences; print them without a traceback.
+        print(f"alignkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The Llama-family decoder: pre-norm RMSNorm, SwiGLU MLP, rotary positions, MHA / MQA / GQA, explicit KV cache.
+
+One file covers Llama 2 / 3 / 3.x, Mistral, Qwen2 / 2.5 and SmolLM2; `ModelConfig` says which pieces are on.
+Parameter names are HF's (`model.layers.N.self_attn.q_proj.weight`, ...) so checkpoints and LoRA adapters move
+between alignkit, `transformers` and `peft` without renaming. See docs/model.md for why each piece is there.
+
+Shapes in comments: B batch, T new tokens, L keys (cache + new), H hidden, NH / NKV query / KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from alignkit.model.config import ModelConfig, llama3_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 whatever the activation dtype (as HF does, for parity)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_length` tokens, preallocated so decoding never reallocates.
+
+    `length` counts the tokens already written. A forward with a cache writes its T new tokens at
+    [length, length + T) in every layer, then advances `length` once at the end.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        assert config.head_dim is not None
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, NKV, T, D] after the cached tokens; return all keys and values so far [B, NKV, L, D]."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(
+                f"KV cache holds {self.max_length} tokens; writing {k.shape[2]} more after {self.length} "
+                "overflows it. Create the cache with a larger max_length."
+            )
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def repeat_interleave(self, n: int) -> None:
+        """Give each sequence n copies (n samples per prompt share one prefill)."""
+        self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the sequences at `index` (drop finished ones so later steps do less work)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # HF's (non-interleaved) RoPE layout: the two halves of the head dim form the complex pairs.
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert config.head_dim is not None
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        cos: torch.Tensor,  # [B, 1, T, D]
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # bool [B, 1, T, L], True = may attend; None = plain causal
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, NKV, L, D]
+        if self.num_kv_heads != self.num_heads:
+            # GQA: each KV head serves num_heads / num_kv_heads query heads. An explicit expand keeps every
+            # SDPA backend available (enable_gqa is not supported by all of them).
+            groups = self.num_heads // self.num_kv_heads
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020, https://arxiv.org/abs/2002.05202): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache):  # type: ignore[no-untyped-def]
+        # Pre-norm: the residual stream is never normalised, only each branch's input.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(
+    *,
+    batch: int,
+    seq: int,
+    past: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Boolean [B, 1, T, L] mask (True = attend), or None when plain causal attention is exact.
+
+    Query i sits at absolute position past + i; it may see key j when j <= past + i, key j is not padding
+    (`attention_mask`, length L), and both belong to the same document (`document_ids`, packed rows).
+    Every query may always see itself, so a padding query never has an all-masked row (which gives NaN).
+    """
+    total = past + seq
+    if attention_mask is None and document_ids is None:
+        if past == 0 or seq == 1:
+            return None  # causal within the new tokens, all of the cache visible
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]  # [1, 1, T, L]
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, cached + new tokens] "
+                f"= {(batch, total)}."
+            )
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        if past:
+            raise ValueError("document_ids (packed sequences) cannot be combined with a KV cache.")
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    mask = mask | (key_pos == query_pos)[None, None]
+    return mask.expand(batch, 1, seq, total)
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at every document boundary of a packed row: [B, T] -> [B, T]."""
+    batch, seq = document_ids.shape
+    idx = torch.arange(seq, device=document_ids.device).expand(batch, seq)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm: tokens [B, T] -> hidden states [B, T, H]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self._inv_freq = self._rope_inv_freq(config)  # fp32, kept out of state_dict and out of .to(dtype)
+
+    @staticmethod
+    def _rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+        assert config.head_dim is not None
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = config.rope_scaling
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "llama3":
+                inv_freq = llama3_inv_freq(inv_freq, scaling)
+            elif kind == "linear":
+                inv_freq = inv_freq / scaling["factor"]
+        return inv_freq
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, D] for integer positions [B, T], computed in fp32 then cast."""
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{past + seq} tokens exceed the model's context window of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings); shorten the input."
+            )
+        if position_ids is None:
+            if document_ids is not None:
+                position_ids = positions_from_documents(document_ids)
+            elif attention_mask is not None:
+                # Left padding: real tokens count from 0 after the pads.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = build_attention_mask(
+            batch=batch, seq=seq, past=past, device=input_ids.device,
+            attention_mask=attention_mask, document_ids=document_ids,
+        )
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        return self.norm(x)
+
+
+class PreTrainedMixin:
+    """What causal-LM and scalar-head models share: init, parameter counts, dtype/device."""
+
+    config: ModelConfig
+
+    def init_weights(self) -> None:
+        """The one place that initialises weights (for training from scratch).
+
+        - Linear and embedding weights: N(0, initializer_range), HF's default (0.02).
+        - Residual-branch outputs (o_proj, down_proj): additionally scaled by 1/sqrt(2 * num_layers), GPT-2's
+          scheme, so the residual stream's variance does not grow with depth at init.
+        - Biases: zero. RMSNorm weights: one. Scalar (score) head: N(0, 1/sqrt(hidden + 1)) as in TRL.
+        """
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():  # type: ignore[attr-defined]
+            if isinstance(module, nn.Linear):
+                if name.endswith("score"):
+                    nn.init.normal_(module.weight, std=1 / math.sqrt(self.config.hidden_size + 1))
+                else:
+                    is_residual = name.endswith(("o_proj", "down_proj"))
+                    nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype  # type: ignore[attr-defined]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of storing them (memory for compute)."""
+        self.model.gradient_checkpointing = enabled  # type: ignore[attr-defined]
+
+
+class LlamaForCausalLM(PreTrainedMixin, nn.Module):
+    """Decoder plus LM head: `model(input_ids)` -> logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; or [N, V] for the N positions where `logits_mask` [B, T] is True (row-major);
+        or [B, k, V] for the last k positions when `logits_to_keep` = k > 0.
+
+        Computing logits only where a loss or a sample needs them saves the LM head's share of the FLOPs
+        (for SmolLM2-135M the head is ~28M of its 135M parameters) and the [B, T, V] activation.
+        """
+        hidden = self.model(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            document_ids=document_ids, kv_cache=kv_cache,
+        )
+        if logits_mask is not None:
+            hidden = hidden[logits_mask]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+
+class LlamaForScore(PreTrainedMixin, nn.Module):
+    """Decoder plus a scalar head on each token's final hidden state: reward models and PPO critics.
+
+    Stored like HF's `LlamaForSequenceClassification` with `num_labels=1` (`score.weight` [1, H], no bias),
+    so an exported reward model also loads in `transformers`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token scalars [B, T]."""
+        hidden = self.model(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids
+        )
+        return self.score(hidden).squeeze(-1)
+
+    def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One scalar per sequence [B], read at the last non-padding token (right padding)."""
+        if attention_mask is None:
+            return self(input_ids)[:, -1]
+        values = self(input_ids, attention_mask=attention_mask)
+        last = attention_mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
+        return values.gather(1, last[:, None]).squeeze(1)

