@@ -1,0 +1,181 @@
+"""The config sections every training stage shares, and the configs of the pretraining and SFT stages.
+
+Later stages (reward model, DPO, PPO, GRPO) reuse these sections and add their own. Each field's doc is the
+comment directly above it; `alignkit train <stage> --help` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignkit.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    # Model to start from: a Hugging Face directory, a .gguf file, or an alignkit run directory (its final/).
+    path: str | None = None
+    # Train from scratch: a ModelConfig as a dict (hidden_size, num_layers, ...); vocab_size defaults to the tokenizer's.
+    init: dict[str, Any] | None = None
+    # Dtype of the weights: float32 keeps fp32 master weights (use train.precision=bf16 for bf16 compute).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Recompute each layer's activations in backward to save memory (about 30% more compute).
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.init is not None:
+            raise ConfigError("model.path and model.init are both set; set path to fine-tune or init to train from scratch.")
+
+
+@dataclass
+class DataSection:
+    # Training data: a .jsonl/.json/.parquet/.txt file, a folder of them, or a Hugging Face dataset name.
+    train: str = ""
+    # Held-out data in the same format; when unset, eval_fraction (or eval_size) of train is held out.
+    eval: str | None = None
+    # Record format: text (pretraining), instruction (instruction/input/output), chat (messages), auto (detect).
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
+    # Longest sequence in tokens (prompt + response); longer examples are handled by `truncation`.
+    max_length: int = 512
+    # Too-long examples: right (cut the end), left (cut the prompt start), drop, error, split (text only).
+    truncation: Literal["right", "left", "drop", "error", "split"] = "right"
+    # Pack several examples into each max_length row (documents cannot attend to each other).
+    packing: bool = False
+    # Fraction of train held out for evaluation when `eval` is unset.
+    eval_fraction: float = 0.05
+    # Number of held-out examples (overrides eval_fraction when set).
+    eval_size: int | None = None
+    # Seed of the train/eval split (the batch order uses train.seed).
+    seed: int = 0
+    # Use only the first `limit` records (quick experiments).
+    limit: int | None = None
+    # Field that holds the document in text records.
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1); got {self.eval_fraction}.")
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2; got {self.max_length}.")
+
+
+@dataclass
+class OptimSection:
+    # Peak learning rate (AdamW).
+    lr: float = 1e-5
+    # Decoupled weight decay, applied to matrices only (not biases, norms or embeddings).
+    weight_decay: float = 0.0
+    # AdamW (beta1, beta2).
+    betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Steps of linear warmup from 0 to lr.
+    warmup_steps: int = 0
+    # Decay after warmup: cosine or linear down to min_lr_ratio * lr, or constant.
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Final learning rate as a fraction of lr.
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value (0 or null disables clipping; the norm is logged either way).
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class TrainSection:
+    # Sequences per optimizer step, summed over micro-batches and processes (the global batch).
+    batch_size: int = 8
+    # Sequences per forward/backward on each process; batch_size / (micro_batch_size * processes) accumulate.
+    micro_batch_size: int = 8
+    # Optimizer steps to run; when unset, `epochs` passes over the training data.
+    max_steps: int | None = None
+    # Passes over the training data (used when max_steps is unset).
+    epochs: float = 1.0
+    # fp32, or bf16 autocast with fp32 master weights.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Seed for initialisation, data order and dropout.
+    seed: int = 0
+    # Write a metrics.jsonl row every log_every steps.
+    log_every: int = 1
+    # Evaluate held-out loss every eval_every steps (0: only at the end).
+    eval_every: int = 0
+    # Save a resumable checkpoint every save_every steps (0: only at the end).
+    save_every: int = 0
+    # Keep the newest keep_last checkpoints and delete older ones.
+    keep_last: int = 2
+    # Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/.
+    output_dir: str = "runs/run"
+    # Continue from the newest complete checkpoint in output_dir.
+    resume: bool = False
+    # Where to send metrics besides metrics.jsonl: tensorboard, wandb, trackio.
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
+    # Distributed wrapper under torchrun: ddp (replicated weights) or fsdp2 (sharded, GPU).
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    # Device: auto (cuda when available), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Worker threads for CPU compute (0: torch's default).
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("train.batch_size and train.micro_batch_size must be positive.")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
+                f"{self.micro_batch_size}; the global batch is split into equal micro-batches."
+            )
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be at least 1; got {self.log_every}.")
+
+
+@dataclass
+class LoRASection:
+    # Train low-rank adapters instead of every weight.
+    enabled: bool = False
+    # Rank r of each adapter.
+    rank: int = 16
+    # Scale alpha; the adapter output is multiplied by alpha / rank.
+    alpha: float = 32.0
+    # Dropout on the adapter input.
+    dropout: float = 0.0
+    # Linear layers that get adapters (by the last part of their name).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """Causal language modelling on raw text, from scratch or continued from a checkpoint."""
+
+    # Model to train (a path, or init for from-scratch).
+    model: ModelSection = field(default_factory=ModelSection)
+    # Tokenizer for from-scratch runs: a folder with tokenizer.json, a .gguf, or "byte" (256 byte symbols + eos).
+    tokenizer: str | None = None
+    # Training and evaluation data.
+    data: DataSection = field(default_factory=lambda: DataSection(format="text", truncation="split", packing=True))
+    # Optimizer and learning-rate schedule.
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=10))
+    # Batching, precision, logging, evaluation and checkpointing.
+    train: TrainSection = field(default_factory=TrainSection)
+    # Low-rank adapters (off by default).
+    lora: LoRASection = field(default_factory=LoRASection)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on instruction or chat data; the loss covers assistant tokens only."""
+
+    # Model to fine-tune (its tokenizer and chat template come with it).
+    model: ModelSection = field(default_factory=ModelSection)
+    # Tokenizer override: a folder with tokenizer.json or a .gguf (default: the model's own).
+    tokenizer: str | None = None
+    # Chat template override: "llama3", "chatml", or a jinja template string (default: the tokenizer's).
+    chat_template: str | None = None
+    # Training and evaluation data.
+    data: DataSection = field(default_factory=DataSection)
+    # Optimizer and learning-rate schedule.
+    optim: OptimSection = field(default_factory=OptimSection)
+    # Batching, precision, logging, evaluation and checkpointing.
+    train: TrainSection = field(default_factory=TrainSection)
+    # Low-rank adapters.
+    lora: LoRASection = field(default_factory=LoRASection)
