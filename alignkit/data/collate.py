@@ -1,0 +1,189 @@
+"""Examples -> tensors: padded batches, packed rows (best-fit decreasing), preference batches.
+
+Labels are shifted here, once: labels[t] = input_ids[t + 1] when that token is a target, else -100. So the
+logits at position t are scored against labels[t] with no further slicing, and a caller can ask the model for
+logits only where labels != -100 (`logits_mask`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from alignkit.data.tokenize import PreferenceExample, TokenizedExample
+from alignkit.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A [B, T] training batch. See the module docstring for the label shift."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    labels: torch.Tensor  # [B, T] long, shifted; -100 where nothing is predicted
+    attention_mask: torch.Tensor  # [B, T] long, 1 real / 0 padding (right padding)
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 per document in packed rows
+    document_ids: torch.Tensor | None  # [B, T] long per-token document index in packed rows; None when padded
+    num_tokens: int  # labels != -100
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return Batch(**moved)
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen rows [0, B) then rejected rows [B, 2B), right padded: [2B, T]. Targets are response tokens only."""
+
+    input_ids: torch.Tensor  # [2B, T] long
+    attention_mask: torch.Tensor  # [2B, T] long
+    position_ids: torch.Tensor  # [2B, T] long
+    labels: torch.Tensor  # [2B, T] long, shifted like Batch.labels
+    num_pairs: int
+    num_tokens: int = 0  # labels != -100, over both halves
+
+    def to(self, device: torch.device | str) -> PreferenceBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return PreferenceBatch(**moved)
+
+
+def shifted_labels(input_ids: Sequence[int], loss_mask: Sequence[bool]) -> list[int]:
+    """labels[t] = input_ids[t + 1] if loss_mask[t + 1] else -100; the last position predicts nothing."""
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids[1:], loss_mask[1:])]
+    labels.append(IGNORE_INDEX)
+    return labels
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    if not multiple:
+        return length
+    return -(-length // multiple) * multiple
+
+
+def pad_collate(
+    examples: Sequence[TokenizedExample], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> Batch:
+    """Right-pad examples to the longest one (rounded up to pad_to_multiple_of, for tensor-core friendly shapes)."""
+    assert examples, "pad_collate needs at least one example"
+    width = _round_up(max(len(ex.input_ids) for ex in examples), pad_to_multiple_of)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(shifted_labels(ex.input_ids, ex.loss_mask), dtype=torch.long)
+        attention_mask[row, :n] = 1
+    position_ids = torch.arange(width, dtype=torch.long).expand(batch, width).clone()
+    return Batch(
+        input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+        document_ids=None, num_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
+
+
+def pack_examples(examples: Sequence[TokenizedExample], *, max_length: int) -> list[list[TokenizedExample]]:
+    """Best-fit decreasing bin packing into rows of at most max_length tokens.
+
+    Examples are taken longest first (ties by original order) and each goes into the open bin with the least
+    remaining space that still fits it, or a new bin. Deterministic for a given input order. Best-fit decreasing
+    uses at most 11/9 OPT + 1 bins, so rows stay close to full.
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[TokenizedExample]] = []
+    # (remaining space, bin index), kept sorted: bisect finds the tightest bin that fits in O(log bins).
+    space: list[tuple[int, int]] = []
+    for i in order:
+        length = len(examples[i].input_ids)
+        if length > max_length:
+            raise DataError(
+                f"example {i} has {length} tokens, more than the packing length {max_length}; "
+                "tokenize with the same max_length (truncation drops or cuts long records)."
+            )
+        slot = bisect.bisect_left(space, (length, -1))
+        if slot == len(space):
+            bins.append([examples[i]])
+            bisect.insort(space, (max_length - length, len(bins) - 1))
+        else:
+            remaining, b = space.pop(slot)
+            bins[b].append(examples[i])
+            bisect.insort(space, (remaining - length, b))
+    return bins
+
+
+def packed_collate(bins: Sequence[Sequence[TokenizedExample]], *, max_length: int, pad_id: int) -> Batch:
+    """One row of exactly max_length tokens per bin: documents concatenated, then padding.
+
+    position_ids restart at 0 for each document and document_ids number the documents of a row, so attention
+    (the model's document mask) and RoPE see every document as if it were alone. The last token of a document
+    gets label -100 (it does not predict the next document); the padding at the row's end is one more document
+    with its own id and -100 labels, so no real token attends to it.
+    """
+    assert bins, "packed_collate needs at least one bin"
+    rows = len(bins)
+    input_ids = torch.full((rows, max_length), pad_id, dtype=torch.long)
+    labels = torch.full((rows, max_length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((rows, max_length), dtype=torch.long)
+    position_ids = torch.zeros((rows, max_length), dtype=torch.long)
+    document_ids = torch.zeros((rows, max_length), dtype=torch.long)
+    for row, docs in enumerate(bins):
+        ids: list[int] = []
+        row_labels: list[int] = []
+        positions: list[int] = []
+        doc_ids: list[int] = []
+        for doc, ex in enumerate(docs):
+            n = len(ex.input_ids)
+            ids += ex.input_ids
+            row_labels += shifted_labels(ex.input_ids, ex.loss_mask)  # ends with -100: no cross-document target
+            positions += range(n)
+            doc_ids += [doc] * n
+        used = len(ids)
+        if used > max_length:
+            raise DataError(f"bin {row} holds {used} tokens, more than max_length {max_length}; pack with the same length.")
+        input_ids[row, :used] = torch.tensor(ids, dtype=torch.long)
+        labels[row, :used] = torch.tensor(row_labels, dtype=torch.long)
+        attention_mask[row, :used] = 1
+        position_ids[row, :used] = torch.tensor(positions, dtype=torch.long)
+        position_ids[row, used:] = torch.arange(max_length - used)
+        document_ids[row, :used] = torch.tensor(doc_ids, dtype=torch.long)
+        document_ids[row, used:] = len(docs)
+    return Batch(
+        input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+        document_ids=document_ids, num_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
+
+
+def preference_collate(
+    examples: Sequence[PreferenceExample], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> PreferenceBatch:
+    """Rows prompt + chosen for every pair, then prompt + rejected, right padded; targets = response tokens."""
+    assert examples, "preference_collate needs at least one example"
+    sequences = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [
+        (ex.prompt_ids, ex.rejected_ids) for ex in examples
+    ]
+    width = _round_up(max(len(p) + len(r) for p, r in sequences), pad_to_multiple_of)
+    rows = len(sequences)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        ids = list(prompt) + list(response)
+        mask = [False] * len(prompt) + [True] * len(response)
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(ids)] = torch.tensor(shifted_labels(ids, mask), dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    position_ids = torch.arange(width, dtype=torch.long).expand(rows, width).clone()
+    return PreferenceBatch(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+        num_pairs=len(examples), num_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
