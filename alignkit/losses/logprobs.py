@@ -48,7 +48,8 @@ class _TokenLogProbs(torch.autograd.Function):
         step = _chunk_rows(logits.shape[-1])
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            chunk_grad = -grad_out[rows, None] * torch.exp(logits[rows].to(lse.dtype) - lse[rows, None])
+            # -grad_out * softmax, in place on one fp32 copy of the chunk.
+            chunk_grad = logits[rows].to(lse.dtype, copy=True).sub_(lse[rows, None]).exp_().mul_(-grad_out[rows, None])
             # The one-hot part, added in fp32 so a bf16 gradient is rounded once.
             chunk_grad.scatter_add_(-1, labels[rows, None], grad_out[rows, None])
             grad[rows] = chunk_grad.to(logits.dtype)
