@@ -134,3 +134,17 @@ def test_real_hh_rlhf_gzip(shared_data: Path) -> None:
 def test_real_alpaca_json_list(shared_data: Path) -> None:
     records = load_records(shared_data / "alpaca" / "alpaca_train_2k.json")
     assert len(records) == 2000 and set(records[0]) == {"instruction", "input", "output"}
+
+
+def test_missing_optional_packages_give_install_hints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"d\.parquet: reading Parquet needs pyarrow; pip install pyarrow"):
+        load_records(path)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"loading the hub dataset 'someone/some-data' needs the `datasets` package"):
+        load_records("someone/some-data")

@@ -147,6 +147,22 @@ def test_truncation_error_drop_right_left(tokenizer: Tokenizer) -> None:
         assert left.input_ids[0] == tokenizer.bos_token_id  # the cut keeps the leading BOS
 
 
+def test_left_truncation_when_the_response_alone_is_too_long() -> None:
+    """The prompt keeps its last max_length // 2 tokens (after BOS), the response (from its header) its first ones."""
+    tok = small_tokenizer("llama3")
+    record = {"instruction": "Tell me a joke about cats. " * 4, "output": "Cats sleep all day. " * 20}
+    [full] = tokenize_dataset([record], tok, format="instruction", max_length=4096)
+    messages = [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": record["output"]}]
+    header = tok.apply_chat_template(messages).message_index.index(1)  # first token of the assistant turn
+    [left] = tokenize_dataset([record], tok, format="instruction", max_length=40, truncation="left")
+    # 1 BOS + 19 prompt tokens (budget 39 // 2) + 20 tokens of the assistant turn
+    ids = full.input_ids
+    assert header - 1 > 19 and len(ids) - header > 20
+    assert left.input_ids == ids[:1] + ids[header - 19 : header] + ids[header : header + 20]
+    assert left.loss_mask == [False] * 20 + full.loss_mask[header : header + 20]
+    assert tok.decode(left.input_ids[20:], skip_special_tokens=False).startswith(ASSISTANT_HEADER["llama3"] + "Cats")
+
+
 def test_truncation_right_that_leaves_no_target_drops() -> None:
     tok = small_tokenizer("chatml")
     stats: dict[str, int] = {}
