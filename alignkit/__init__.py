@@ -11,8 +11,12 @@ if TYPE_CHECKING:
     from alignkit.tokenizer import Tokenizer
 
 
-def load(path: str, **kwargs: Any) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """`model, tokenizer = alignkit.load(path)`: an HF directory, a `.gguf` file, or an alignkit run directory."""
+def load(path: str, **kwargs: Any) -> tuple[LlamaForCausalLM, Tokenizer | None]:
+    """`model, tokenizer = alignkit.load(path)`: an HF directory, a `.gguf` file, or an alignkit run directory.
+
+    The tokenizer is None when the checkpoint carries none (an HF folder without `tokenizer.json`).
+    Keyword arguments go to `alignkit.checkpoint.load_pretrained` (`dtype`, `device`, `kind`).
+    """
     from alignkit.checkpoint import load_pretrained
 
     return load_pretrained(path, **kwargs)
