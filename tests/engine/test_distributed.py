@@ -1,0 +1,53 @@
+"""Two CPU processes under torchrun (gloo) train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def launch(run_dir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tests.engine.dist_worker", str(run_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
+    # One process: 2 micro-batches of 4 per step. Two processes: 1 micro-batch of 4 each. Same global batch of 8.
+    single = launch(tmp_path / "single", "--micro", "4", nproc=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch(tmp_path / "double", "--micro", "4")
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = rows(tmp_path / "single"), rows(tmp_path / "double")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
+    assert two[-1]["loss"] < two[0]["loss"]
+    for a, b in zip(one, two):
+        assert a["num_tokens"] == b["num_tokens"]
+        for key in ("loss", "grad_norm", "token_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (a["step"], key)
+
+    # Killed after the step-4 checkpoint was written (while asking for step 6), then resumed with 2 processes.
+    killed = launch(tmp_path / "resumed", "--micro", "4", "--kill-at", "6")
+    assert killed.returncode != 0
+    assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / "state.json").exists()
+    resumed = launch(tmp_path / "resumed", "--micro", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = rows(tmp_path / "resumed")
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(two, again):
+        for key in ("loss", "grad_norm", "lr"):
+            assert a[key] == b[key], (a["step"], key)

@@ -1,0 +1,162 @@
+"""Pretraining and SFT end to end on tiny models and in-code data: the loss falls, exports load in transformers
+and peft with the same logits, full fine-tuning changes every weight and LoRA only the adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.checkpoint import load_pretrained, save_hf_model
+from alignkit.config import config_from_dict
+from alignkit.errors import DataError
+from alignkit.model import LlamaForCausalLM
+from alignkit.trainers import run
+from alignkit.trainers.common import load_tokenizer
+from alignkit.trainers.configs import PretrainConfig, SFTConfig
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            max_position_embeddings=128)
+WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+
+
+def corpus(n: int = 200) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        i = int(torch.randint(0, len(WORDS), (1,), generator=g))
+        # A grammar a small model learns quickly: each fruit is followed by the next in the list.
+        out.append({"text": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(6)) + "."})
+    return out
+
+
+def chats(n: int = 160) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        i = int(torch.randint(0, len(WORDS), (1,), generator=g))
+        out.append({"messages": [{"role": "user", "content": f"after {WORDS[i]}?"},
+                                 {"role": "assistant", "content": WORDS[(i + 1) % len(WORDS)]}]})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def base_model(tmp_path: Path) -> str:
+    """A tiny random model with the byte-level tokenizer (ChatML template), saved as an HF directory."""
+    tokenizer = load_tokenizer("byte")
+    torch.manual_seed(0)
+    from alignkit.model import ModelConfig
+
+    # A wider init than the default 0.02: with a frozen random LM head of std 0.02 the logits could barely move
+    # from uniform, and LoRA (which leaves the head frozen) would have nothing to learn with.
+    model = LlamaForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id,
+                                         initializer_range=0.25, **TINY))
+    model.init_weights()
+    save_hf_model(model, tmp_path / "base", tokenizer=tokenizer)
+    return str(tmp_path / "base")
+
+
+def hf_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(input_ids).logits
+
+
+def assert_final_matches_transformers(final: Path) -> None:
+    model, tokenizer = load_pretrained(final)
+    assert tokenizer is not None
+    input_ids = torch.tensor([tokenizer.encode("apple banana cherry grape")])
+    with torch.no_grad():
+        ours = model(input_ids)
+    assert (ours - hf_logits(final, input_ids)).abs().max() < 1e-4
+
+
+def test_bad_data_fails_before_the_run_directory_is_written(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n')
+    cfg = config_from_dict(SFTConfig, {"model": {"path": base_model(tmp_path)}, "data": {"train": str(data)},
+                                       "train": {"output_dir": str(tmp_path / "run"), "report_to": []}})
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        run("sft", cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_from_scratch_lowers_eval_loss_and_exports(tmp_path: Path) -> None:
+    cfg = config_from_dict(PretrainConfig, {
+        "model": {"init": TINY}, "tokenizer": "byte",
+        "data": {"train": write_jsonl(tmp_path / "corpus.jsonl", corpus()), "max_length": 64, "eval_size": 16},
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 60, "eval_every": 30,
+                  "output_dir": str(tmp_path / "run"), "report_to": []},
+    })
+    result = run("pretrain", cfg)
+    evals = [r["eval/loss"] for r in result.metrics if "eval/loss" in r]
+    assert len(evals) == 2
+    # Uniform guessing over the 259-symbol vocabulary costs ln(259) = 5.56 nats per byte.
+    assert evals[-1] < 0.5 * math.log(259), evals
+    assert result.metrics[-1]["eval/perplexity"] == pytest.approx(math.exp(evals[-1]), rel=1e-6)
+    assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "tb").is_dir() is False
+    assert_final_matches_transformers(result.final_model_dir)
+
+
+@pytest.mark.slow
+def test_sft_full_changes_every_weight(tmp_path: Path) -> None:
+    base = base_model(tmp_path)
+    cfg = config_from_dict(SFTConfig, {
+        "model": {"path": base},
+        "data": {"train": write_jsonl(tmp_path / "chat.jsonl", chats()), "max_length": 64, "eval_size": 16},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 30, "eval_every": 5,
+                  "output_dir": str(tmp_path / "run"), "report_to": []},
+    })
+    result = run("sft", cfg)
+    evals = [r["eval/loss"] for r in result.metrics if "eval/loss" in r]
+    assert evals[-1] < 0.75 * evals[0], evals
+    before = load_file(str(Path(base) / "model.safetensors"))
+    after = load_file(str(result.final_model_dir / "model.safetensors"))
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    assert_final_matches_transformers(result.final_model_dir)
+
+
+@pytest.mark.slow
+def test_sft_lora_trains_only_adapters_and_exports_for_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base = base_model(tmp_path)
+    cfg = config_from_dict(SFTConfig, {
+        "model": {"path": base},
+        "data": {"train": write_jsonl(tmp_path / "chat.jsonl", chats()), "max_length": 64, "eval_size": 16},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "lora": {"enabled": True, "rank": 8, "alpha": 16},
+        "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 30, "eval_every": 5, "save_every": 10,
+                  "output_dir": str(tmp_path / "run"), "report_to": []},
+    })
+    result = run("sft", cfg)
+    evals = [r["eval/loss"] for r in result.metrics if "eval/loss" in r]
+    assert evals[-1] < 0.8 * evals[0], evals
+    # The optimizer only ever saw adapter weights: the checkpoint holds exactly the LoRA A/B matrices.
+    trained = load_file(str(result.run_dir / "checkpoints" / "step_000030" / "model.safetensors"))
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
+    assert len(trained) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero
+    # peft applies the adapter to the transformers base model: same logits as the merged final/.
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf_base, str(result.run_dir / "adapter")).eval()
+    _, tokenizer = load_pretrained(result.final_model_dir)
+    input_ids = torch.tensor([tokenizer.encode("after plum? peach")])
+    with torch.no_grad():
+        adapted = peft_model(input_ids).logits
+    assert (adapted - hf_logits(result.final_model_dir, input_ids)).abs().max() < 1e-4
+    assert (adapted - hf_logits(Path(base), input_ids)).abs().max() > 1e-2  # and it is not the base model
