@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.model.config import ModelConfig, llama3_inv_freq
 
+# `enable_gqa` appeared in torch 2.5.
+_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, with the statistics in fp32 whatever the activation dtype (as HF does, for parity)."""
@@ -123,13 +126,25 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, NKV, L, D]
-        if self.num_kv_heads != self.num_heads:
-            # GQA: each KV head serves num_heads / num_kv_heads query heads. An explicit expand keeps every
-            # SDPA backend available (enable_gqa is not supported by all of them).
-            groups = self.num_heads // self.num_kv_heads
-            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1 and seq == 1:
+            # GQA decoding (one new token): query head h uses KV head h // groups, so the groups of one KV head
+            # become its "query positions": [B, NH, 1, D] -> [B, NKV, groups, D]. Exact (one query sees the same
+            # keys either way) and copy-free, unlike expanding the whole cache to NH heads at every step.
+            y = F.scaled_dot_product_attention(q.reshape(batch, self.num_kv_heads, groups, self.head_dim), k, v,
+                                               attn_mask=mask)
+            y = y.reshape(batch, 1, self.num_heads * self.head_dim)
+            return self.o_proj(y)
+        if groups > 1 and _SDPA_HAS_GQA and q.device.type == "cpu":
+            # The CPU kernels share KV heads natively: no [B, NH, L, D] copy of the keys and values.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                               enable_gqa=True)
+        else:
+            if groups > 1:
+                # An explicit expand keeps every CUDA SDPA backend available (not all of them take enable_gqa).
+                k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
+                v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
         y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(y)
 

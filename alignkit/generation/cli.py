@@ -1,0 +1,76 @@
+"""`alignkit generate --model PATH (--prompt TEXT | --chat TEXT)`: print completions from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from alignkit.errors import CheckpointError, ConfigError
+from alignkit.generation.engine import generate
+from alignkit.generation.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_generate_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from a model (HF directory, .gguf file or alignkit run)",
+        description="Generate completions for one prompt. Only the completion text goes to stdout (one per "
+        "sample, separated by a blank line); loading messages go to stderr.",
+    )
+    parser.add_argument("--model", required=True, help="an HF model directory, a .gguf file or an alignkit run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw text to continue (BOS is added when the tokenizer asks for it)")
+    source.add_argument("--chat", help="a user message; the chat template is applied with the generation prompt")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1: off)")
+    parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.system is not None and args.chat is None:
+        raise ConfigError("--system only applies to --chat; use --chat for a chat prompt or drop --system.")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, n=args.n, seed=args.seed,
+    )
+    import alignkit
+
+    start = time.perf_counter()
+    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
+    model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); generate needs one to encode the "
+            "prompt. Copy the base model's tokenizer files into the directory."
+        )
+    print(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+        messages.append({"role": "user", "content": args.chat})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True).input_ids
+    else:
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
+
+    start = time.perf_counter()
+    completions = generate(model, [prompt], params, tokenizer=tokenizer)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(len(c.token_ids) for c in completions)
+    print(f"generated {num_tokens} tokens in {elapsed:.1f}s ({num_tokens / max(elapsed, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    print("\n\n".join(c.text or "" for c in completions))
+    return 0
