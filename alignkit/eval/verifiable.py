@@ -1,0 +1,72 @@
+"""Accuracy on problems with a checkable answer: greedy decoding through the chat template, then an exact check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from alignkit.generation import SamplingParams, generate
+
+if TYPE_CHECKING:
+    from alignkit.model import LlamaForCausalLM
+    from alignkit.tokenizer import Tokenizer
+
+
+class VerifiableProblem(Protocol):
+    """What a problem must offer: the prompt as chat messages and the reference answer."""
+
+    @property
+    def reference(self) -> str: ...
+
+    def prompt_messages(self) -> list[dict[str, str]]: ...
+
+
+def _default_check(completion: str, reference: str) -> bool:
+    from alignkit.tasks.arithmetic import is_correct
+
+    return is_correct(completion, reference)
+
+
+def verifiable_accuracy(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    problems: Sequence[VerifiableProblem],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    is_correct: Callable[[str, str], bool] | None = None,
+    num_examples: int = 5,
+) -> dict[str, Any]:
+    """Greedy-decode an answer to every problem and check it with `is_correct(completion, reference)`.
+
+    Each prompt is the problem's messages rendered with the tokenizer's chat template and the assistant
+    generation prompt; decoding stops at the tokenizer's stop tokens (end of turn / EOS). `is_correct` defaults to
+    the arithmetic task's check ("The answer is N"). Returns {"accuracy", "num", "num_correct", "examples"} where
+    `examples` holds the first `num_examples` as {"prompt", "completion", "reference", "correct"}.
+    """
+    check = is_correct or _default_check
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
+    num_correct = 0
+    examples: list[dict[str, Any]] = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [
+            tokenizer.apply_chat_template(p.prompt_messages(), add_generation_prompt=True).input_ids for p in chunk
+        ]
+        completions = generate(model, prompts, params, tokenizer=tokenizer)
+        for problem, completion in zip(chunk, completions):
+            text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
+            correct = bool(check(text, problem.reference))
+            num_correct += correct
+            if len(examples) < num_examples:
+                prompt = problem.prompt_messages()[-1]["content"]
+                examples.append(
+                    {"prompt": prompt, "completion": text, "reference": problem.reference, "correct": correct}
+                )
+    num = len(problems)
+    return {
+        "accuracy": num_correct / num if num else 0.0,
+        "num": num,
+        "num_correct": num_correct,
+        "examples": examples,
+    }

@@ -1,0 +1,279 @@
+"""`build_report(run_dir)`: `report.md` with a metrics table per stage, plus PNG plots of the curves.
+
+A run directory holds one folder per stage, each with its `metrics.jsonl` (one JSON object per logged step):
+
+```
+run_dir/pipeline.json          optional: {"stages": ["tokenizer", "pretrain", "sft", ...]} gives the order
+run_dir/<stage>/metrics.jsonl  rows with "step" and any of: loss, eval/loss, tokens_per_s, elapsed_s,
+                               accuracy keys, logps/chosen, logps/rejected; rows with a "model" key are
+                               evaluation results for that model (one row per model)
+run_dir/<stage>/examples.jsonl optional: {"model", "prompt", "completion", "correct"} sample generations
+```
+
+Plots use matplotlib's object API with the Agg canvas (no display, no global backend switch). Without
+matplotlib the report says so and keeps the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import DataError
+
+# Keys read as "the accuracy" of a row, first match wins: task accuracy, then reward-model / DPO accuracies.
+ACCURACY_KEYS = ("accuracy/heldout", "accuracy", "eval/accuracy", "eval/rewards/accuracies", "rewards/accuracies")
+LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of one `metrics.jsonl`; a malformed line is a DataError naming the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete that line.") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = _num(row.get(key))
+        if value is not None and "model" not in row:
+            steps.append(float(row.get("step", len(steps))))
+            values.append(value)
+    return steps, values
+
+
+def _accuracy(row: dict[str, Any]) -> float | None:
+    for key in ACCURACY_KEYS:
+        value = _num(row.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+@dataclass
+class StageSummary:
+    """The numbers of one stage that go into the report's table."""
+
+    name: str
+    steps: int | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    best_loss: float | None = None
+    eval_loss: float | None = None
+    accuracy: float | None = None
+    wall_time_s: float | None = None
+    tokens_per_s: float | None = None
+    # Rows with a "model" key: evaluation results, one per evaluated model.
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarize_stage(name: str, rows: list[dict[str, Any]]) -> StageSummary:
+    """First / last / best training loss, last eval loss, final accuracy, steps, wall time, mean tokens/s."""
+    summary = StageSummary(name=name, evaluations=[row for row in rows if "model" in row])
+    curve = [row for row in rows if "model" not in row]
+    _, losses = _series(curve, "loss")
+    if losses:
+        summary.first_loss, summary.last_loss, summary.best_loss = losses[0], losses[-1], min(losses)
+    _, eval_losses = _series(curve, "eval/loss")
+    if eval_losses:
+        summary.eval_loss = eval_losses[-1]
+    steps = [int(row["step"]) for row in curve if _num(row.get("step")) is not None]
+    if steps:
+        summary.steps = max(steps)
+    accuracies = [a for a in (_accuracy(row) for row in curve) if a is not None]
+    if accuracies:
+        summary.accuracy = accuracies[-1]
+    elif summary.evaluations:
+        summary.accuracy = _accuracy(summary.evaluations[-1])
+    _, elapsed = _series(curve, "elapsed_s")
+    if elapsed:
+        summary.wall_time_s = elapsed[-1]
+    _, speeds = _series(curve, "tokens_per_s")
+    if speeds:
+        summary.tokens_per_s = sum(speeds) / len(speeds)
+    return summary
+
+
+def _stage_order(run_dir: Path, stages: list[str] | None) -> list[str]:
+    if stages is not None:
+        return stages
+    pipeline = run_dir / "pipeline.json"
+    if pipeline.is_file():
+        listed = json.loads(pipeline.read_text()).get("stages", [])
+        return [s for s in listed if (run_dir / s / "metrics.jsonl").is_file()]
+    return sorted(p.parent.name for p in run_dir.glob("*/metrics.jsonl"))
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _stage_table(summaries: list[StageSummary]) -> list[str]:
+    lines = [
+        "| stage | steps | first loss | last loss | best loss | eval loss | accuracy | wall time | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s.name} | {'-' if s.steps is None else s.steps} | {_fmt(s.first_loss)} | {_fmt(s.last_loss)} | "
+            f"{_fmt(s.best_loss)} | {_fmt(s.eval_loss)} | {_fmt(s.accuracy, '.3f')} | {_duration(s.wall_time_s)} | "
+            f"{_fmt(s.tokens_per_s, ',.0f')} |"
+        )
+    return lines
+
+
+def _evaluation_table(summary: StageSummary) -> list[str]:
+    keys: list[str] = []
+    for row in summary.evaluations:
+        keys += [k for k, v in row.items() if k not in ("model", "step") and _num(v) is not None and k not in keys]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for row in summary.evaluations:
+        cells = []
+        for key in keys:
+            value = _num(row.get(key))
+            spec = ".0f" if key.startswith("num") else ".4f"
+            cells.append(_fmt(value, spec))
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _examples(path: Path, limit: int = 6) -> list[str]:
+    rows = read_metrics(path)[:limit]
+    lines = ["```"]
+    for row in rows:
+        mark = "ok " if row.get("correct") else "BAD"
+        model = f"[{row['model']}] " if "model" in row else ""
+        lines.append(f"{mark} {model}{row.get('prompt', '')}")
+        lines.append(f"    -> {row.get('completion', '')!r}")
+    return [*lines, "```"]
+
+
+def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: list[StageSummary]) -> list[str]:
+    """Write the PNGs and return their file names (empty when there is nothing to plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    curves = {name: rows for name, rows in stages.items() if _series(rows, "loss")[1]}
+    if curves:
+        fig = Figure(figsize=(5 * len(curves), 3.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        for i, (name, rows) in enumerate(curves.items()):
+            ax = fig.add_subplot(1, len(curves), i + 1)
+            ax.plot(*_series(rows, "loss"), label="train loss", linewidth=1.2)
+            eval_steps, eval_values = _series(rows, "eval/loss")
+            if eval_values:
+                ax.plot(eval_steps, eval_values, "o-", label="eval loss", markersize=4)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.savefig(run_dir / "loss.png", dpi=100)
+        written.append("loss.png")
+
+    bars: list[tuple[str, float]] = []
+    for s in summaries:
+        if s.evaluations:
+            bars += [(str(row["model"]), a) for row in s.evaluations if (a := _accuracy(row)) is not None]
+        elif s.accuracy is not None:
+            bars.append((s.name, s.accuracy))
+    if bars:
+        fig = Figure(figsize=(max(4.0, 1.3 * len(bars)), 3.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        positions = range(len(bars))
+        ax.bar(positions, [v for _, v in bars], color="tab:green")
+        ax.set_xticks(list(positions), [n for n, _ in bars])
+        for x, (_, v) in zip(positions, bars):
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_title("final accuracy")
+        fig.savefig(run_dir / "accuracy.png", dpi=100)
+        written.append("accuracy.png")
+
+    # DPO-family stages log the policy's log-probs of chosen and rejected responses; plot whichever are present.
+    logps = {name: rows for name, rows in stages.items() if any(_series(rows, k)[1] for k in LOGPS_KEYS)}
+    if logps:
+        fig = Figure(figsize=(5 * len(logps), 3.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        for i, (name, rows) in enumerate(logps.items()):
+            ax = fig.add_subplot(1, len(logps), i + 1)
+            for key in LOGPS_KEYS:
+                steps, values = _series(rows, key)
+                if values:
+                    ax.plot(steps, values, "o-" if key.startswith("eval/") else "-", label=key, markersize=3)
+            ax.set_title(f"{name}: log-probs")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.savefig(run_dir / "logps.png", dpi=100)
+        written.append("logps.png")
+    return written
+
+
+def build_report(run_dir: str | Path, *, stages: list[str] | None = None, title: str | None = None) -> Path:
+    """Write `run_dir/report.md` (and `loss.png`, `accuracy.png`, `logps.png` when there is data) and return its path.
+
+    `stages` picks and orders the stage folders; by default the order of `pipeline.json`, else alphabetical.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory {run_dir} does not exist; pass the folder a pipeline or training run wrote.")
+    names = _stage_order(run_dir, stages)
+    rows_by_stage: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        path = run_dir / name / "metrics.jsonl"
+        if not path.is_file():
+            raise DataError(f"stage {name!r} has no metrics file at {path}; check the stage name.")
+        rows_by_stage[name] = read_metrics(path)
+    summaries = [summarize_stage(name, rows) for name, rows in rows_by_stage.items()]
+
+    lines = [f"# {title or 'Run report'}", "", f"Run directory: `{run_dir}`", "", "## Stages", ""]
+    lines += _stage_table(summaries) if summaries else ["No stage wrote a metrics.jsonl yet."]
+    lines.append("")
+    for s in summaries:
+        if s.evaluations:
+            lines += [f"## Evaluation ({s.name})", "", *_evaluation_table(s), ""]
+        examples = run_dir / s.name / "examples.jsonl"
+        if examples.is_file():
+            lines += [f"### Sample generations ({s.name})", "", *_examples(examples), ""]
+
+    lines += ["## Plots", ""]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        lines.append("Plots skipped: matplotlib is not installed (`pip install matplotlib`, or `pip install alignkit[extras]`).")
+    else:
+        written = _plots(run_dir, rows_by_stage, summaries)
+        lines += [f"![{Path(name).stem}]({name})" for name in written] or ["No curves to plot."]
+    lines.append("")
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report

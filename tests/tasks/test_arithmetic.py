@@ -1,0 +1,123 @@
+"""The arithmetic task: answers right by construction, a fixed train/held-out split, deterministic generation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from alignkit.tasks import arithmetic as A
+
+
+def _recompute(problem: A.Problem) -> int:
+    """Independent of `compute`: read the operands back out of the question text and apply Python's operators."""
+    numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
+    a, b = numbers
+    return {"+": a + b, "-": a - b, "x": a * b}[problem.operation]
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_answers_are_correct_by_construction(difficulty: int, split: str) -> None:
+    for p in A.make_problems(300, seed=3, difficulty=difficulty, split=split):
+        assert p.answer == _recompute(p)
+        a, b = p.operands
+        assert p.solution == f"{a} {p.operation} {b} = {p.answer}. The answer is {p.answer}."
+        assert A.extract_answer(p.solution) == str(p.answer)
+        assert A.is_correct(p.solution, p.reference)
+        assert p.answer >= 0
+
+
+def test_operations_alternate_evenly() -> None:
+    ops = [p.operation for p in A.make_problems(9, seed=0)]
+    assert ops == ["+", "-", "x"] * 3
+
+
+def test_deterministic_by_seed() -> None:
+    assert A.make_problems(50, seed=1) == A.make_problems(50, seed=1)
+    assert A.make_problems(50, seed=1) != A.make_problems(50, seed=2)
+    assert A.as_pretraining_text(A.make_problems(20), seed=4) == A.as_pretraining_text(A.make_problems(20), seed=4)
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_train_and_heldout_pairs_are_disjoint(difficulty: int) -> None:
+    for op in A.OPERATIONS:
+        train = set(A.operand_pairs(op, difficulty, "train"))
+        held = set(A.operand_pairs(op, difficulty, "heldout"))
+        assert held and train and not train & held
+        # Together they cover every pair in range.
+        lo, hi = A.OPERAND_RANGES[difficulty][op]
+        total = (hi - lo + 1) ** 2 if op != "-" else sum(a - 1 for a in range(lo, hi + 1))
+        assert len(train) + len(held) == total
+        if op in ("+", "x"):
+            # Every held-out commutative pair is trained on in the other order.
+            assert all((b, a) in train for a, b in held)
+    # Problems drawn from each split use only that split's pairs, whatever the seed.
+    for seed in range(3):
+        for p in A.make_problems(200, seed=seed, difficulty=difficulty, split="heldout"):
+            assert A.split_of(p.operation, *p.operands) == "heldout"
+
+
+def test_split_is_pinned() -> None:
+    """The split is a fixed crc32 hash; these pairs were read off once and must never move between versions."""
+    assert A.operand_pairs("x", 1, "heldout") == [(3, 2), (7, 4), (8, 3), (8, 4), (9, 7)]
+    assert A.operand_pairs("-", 1, "heldout")[:4] == [(5, 4), (10, 6), (11, 2), (11, 8)]
+    assert len(A.operand_pairs("x", 1, "train")) == 59
+    assert len(A.operand_pairs("+", 1, "heldout")) == 21
+    assert len(A.operand_pairs("-", 1, "heldout")) == 18
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("12 + 7 = 19. The answer is 19.", "19"),
+        ("the answer is 5", "5"),
+        ("The answer is 3. No wait, the answer is 4.", "4"),  # the last one counts
+        ("The answer is 007.", "7"),
+        ("The answer is -2.", "-2"),
+        ("12 + 7 = 19.", None),
+        ("The answer is nineteen.", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert A.extract_answer(text) == expected
+
+
+def test_is_correct() -> None:
+    assert A.is_correct("3 x 4 = 12. The answer is 12.", "12")
+    assert A.is_correct("The answer is 12", 12)
+    assert not A.is_correct("The answer is 13.", "12")
+    assert not A.is_correct("3 x 4 = 12.", "12")  # no final answer phrase
+
+
+def test_records() -> None:
+    problems = A.make_problems(30, seed=0)
+    chat = A.as_chat_records(problems)
+    assert chat[0] == {
+        "messages": [
+            {"role": "user", "content": problems[0].question},
+            {"role": "assistant", "content": problems[0].solution},
+        ]
+    }
+    prefs = A.as_preference_records(problems, seed=0)
+    for p, rec in zip(problems, prefs):
+        assert rec["prompt"] == [{"role": "user", "content": p.question}]
+        assert rec["chosen"] == p.solution
+        assert A.is_correct(rec["chosen"], p.reference)
+        assert not A.is_correct(rec["rejected"], p.reference)
+        # Off by one, or the same operands with another operation.
+        wrong = int(A.extract_answer(rec["rejected"]) or "0")
+        a, b = p.operands
+        assert abs(wrong - p.answer) == 1 or wrong in {a + b, a - b, a * b}
+    text = A.as_pretraining_text(problems, per_document=10)
+    assert len(text) == 3
+    joined = "\n".join(text)
+    assert all(f"{p.question} {p.solution}" in joined for p in problems)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="difficulty"):
+        A.make_problems(1, difficulty=9)
+    with pytest.raises(ValueError, match="split"):
+        A.make_problems(1, split="test")
