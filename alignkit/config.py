@@ -121,13 +121,28 @@ def _build(cls: type[T], data: Any, *, prefix: str, source: str) -> T:
             raise _unknown_key(cls, prefix, str(key), source)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], key=prefix + name, source=source)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # A section the recipe fills in part keeps the parent's defaults for the rest (PretrainConfig's
+            # data section defaults to packing, which a bare DataSection does not).
+            value = {**_section_defaults(fields[name]), **value}
+        kwargs[name] = _convert(value, tp, key=prefix + name, source=source)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except TypeError as e:
         raise ConfigError(f"{source}: {where}: {e}") from None
+
+
+def _section_defaults(f: dataclasses.Field) -> dict[str, Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    return {sub.name: getattr(default, sub.name) for sub in dataclasses.fields(default)}
 
 
 def _convert(value: Any, tp: Any, *, key: str, source: str) -> Any:

@@ -116,3 +116,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(SFTConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(SFTConfig, write(tmp_path, "train: [\n"))
+
+
+def test_partial_section_keeps_the_stage_defaults(tmp_path: Path) -> None:
+    # PretrainConfig's data section defaults to text + split + packing; naming only `train` must keep them.
+    cfg = load_config(PretrainConfig, write(tmp_path, "data:\n  train: corpus.txt\noptim:\n  lr: 0.01\n"))
+    assert (cfg.data.format, cfg.data.truncation, cfg.data.packing) == ("text", "split", True)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (0.01, 0.1, 10)

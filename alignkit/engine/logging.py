@@ -97,6 +97,9 @@ class MetricsLogger:
 
     def _progress(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
+        if step == 0:  # the evaluation before training
+            self.message("before training: " + " ".join(f"{k}={_format_value(v)}" for k, v in row.items() if k != "step"))
+            return
         if self._start_step is None:
             self._start_step = step - 1
             self._start = time.perf_counter() - 1e-9

@@ -163,6 +163,10 @@ class Engine:
         return self.step
 
     def _loop(self, iterator: Any, loss_fn: LossFn, eval_fn: EvalFn | None, logger: MetricsLogger) -> None:
+        if eval_fn is not None and self.step == 0 and getattr(self.cfg, "eval_on_start", False):
+            row = {"step": 0, **self._evaluate(eval_fn)}
+            self.rows.append(row)
+            logger.log(row)
         self.wrapped.train()
         window_tokens = 0
         window_start = time.perf_counter()

@@ -17,6 +17,8 @@ from alignkit.trainers.common import RunResult
 STAGES: dict[str, str] = {
     "pretrain": "alignkit.trainers.pretrain",
     "sft": "alignkit.trainers.sft",
+    "rm": "alignkit.trainers.rm",
+    "dpo": "alignkit.trainers.dpo",
 }
 
 

@@ -98,6 +98,8 @@ class TrainSection:
     log_every: int = 1
     # Evaluate held-out loss every eval_every steps (0: only at the end).
     eval_every: int = 0
+    # Also evaluate before the first step (logged as step 0), to see where training starts.
+    eval_on_start: bool = False
     # Save a resumable checkpoint every save_every steps (0: only at the end).
     save_every: int = 0
     # Keep the newest keep_last checkpoints and delete older ones.

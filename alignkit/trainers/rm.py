@@ -1,0 +1,180 @@
+"""Reward model: a scalar head on the last token, trained with the Bradley-Terry loss on preference pairs.
+
+The model starts from an SFT or base checkpoint: its decoder is kept, its LM head replaced by `score` (one
+number per token, read at the conversation's last token). Each step scores every pair's chosen and rejected
+conversations in one forward ([2B, T]) and minimises -log sigmoid(r_chosen - r_rejected - margin), plus the
+optional centering term. The export is an HF `LlamaForSequenceClassification` directory (see
+`alignkit/rewards/scoring.py`) that `alignkit score`, PPO and `transformers` load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
+from alignkit.config import config_to_dict
+from alignkit.engine import DistInfo, Engine, StepBatches
+from alignkit.engine import distributed as dist
+from alignkit.losses import bradley_terry_loss
+from alignkit.model import LlamaForCausalLM
+from alignkit.model.llama import LlamaForScore
+from alignkit.rewards.scoring import last_token_rewards, score_model_from_causal_lm
+from alignkit.tokenizer import Tokenizer
+from alignkit.trainers.common import (
+    _DTYPES,
+    RunResult,
+    build_model,
+    export,
+    load_tokenizer,
+    prepare_run_dir,
+    setup,
+    total_steps,
+)
+from alignkit.trainers.configs import LoRASection, ModelSection
+from alignkit.trainers.preference_configs import RMConfig
+from alignkit.trainers.preference_data import (
+    PairItem,
+    PairMicroBatch,
+    collate_pairs,
+    count_pairs,
+    load_preference_data,
+)
+from alignkit.trainers.sft import set_chat_template
+
+Config = RMConfig
+
+
+def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, device: torch.device
+                       ) -> tuple[LlamaForScore, Tokenizer]:
+    """A reward model from `model.path`: a score checkpoint continues training; a language model (HF, .gguf,
+    run directory) gets a new score head on its decoder."""
+    if section.path is not None:
+        from alignkit.checkpoint import resolve_model_path
+
+        resolved = resolve_model_path(section.path) if Path(section.path).exists() else None
+        if resolved is not None and resolved.is_dir() and checkpoint_kind(read_hf_config(resolved)[1]) == "score":
+            from alignkit.checkpoint import load_pretrained
+
+            model, own = load_pretrained(resolved, dtype=_DTYPES[section.dtype], device=device, kind="score")
+            assert isinstance(model, LlamaForScore)
+            tokenizer = tokenizer or own
+            if tokenizer is None:
+                from alignkit.errors import ConfigError
+
+                raise ConfigError(f"model.path {section.path} has no tokenizer.json; set `tokenizer` to a tokenizer path.")
+            if section.gradient_checkpointing:
+                model.set_gradient_checkpointing(True)
+            return model, tokenizer
+    lm, tokenizer = build_model(section, tokenizer, device=device)
+    assert isinstance(lm, LlamaForCausalLM)
+    return score_model_from_causal_lm(lm), tokenizer
+
+
+def freeze_all_but_last(model: LlamaForScore, num_layers: int) -> None:
+    """Train only the last `num_layers` decoder layers, the final norm and the score head.
+
+    The frozen layers run without building an autograd graph (nothing below the first trainable layer needs a
+    gradient), so a step costs about one forward plus the top layers' backward: the cheap way to fit a reward
+    model on a CPU.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable: list[nn.Module] = [model.score, model.model.norm]
+    if num_layers:
+        trainable += list(model.model.layers[-num_layers:])
+    for module in trainable:
+        for param in module.parameters():
+            param.requires_grad_(True)
+
+
+def add_trainable(model: LlamaForScore, lora: LoRASection, train_last_layers: int | None) -> None:
+    if lora.enabled:
+        from alignkit.model.lora import apply_lora
+
+        # modules_to_save defaults to ["score"] for a score model: the new head trains fully and ships with the adapter.
+        apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    elif train_last_layers is not None:
+        freeze_all_but_last(model, train_last_layers)
+
+
+def pair_rewards(model: nn.Module, micro: PairMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen rewards [B], rejected rewards [B]) from one forward over the [2B, T] batch."""
+    batch = micro.batch
+    rewards = last_token_rewards(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+
+
+def make_loss_fn(center_rewards_coefficient: float, device: torch.device
+                 ) -> Callable[[nn.Module, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
+    def loss_fn(model: nn.Module, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        micro = micro.to(device)
+        chosen, rejected = pair_rewards(model, micro)
+        loss, metrics = bradley_terry_loss(chosen, rejected, margin=micro.margin,
+                                           center_rewards_coefficient=center_rewards_coefficient)
+        # bradley_terry_loss averages over this micro-batch; the engine wants the sum over the step's pairs.
+        return loss * (micro.num_pairs / num_pairs), metrics
+
+    return loss_fn
+
+
+def make_eval_fn(items: list[PairItem], collate: Callable[[list[PairItem]], PairMicroBatch], batch_size: int,
+                 info: DistInfo, center_rewards_coefficient: float) -> Callable[[nn.Module], dict[str, float]]:
+    """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward over all ranks."""
+    mine = items[info.rank :: info.world_size]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        # Sums of: loss, correct, margin, reward (chosen + rejected), pairs.
+        totals = torch.zeros(5, dtype=torch.float64)
+        for start in range(0, len(mine), batch_size):
+            micro = collate(mine[start : start + batch_size]).to(info.device)
+            chosen, rejected = pair_rewards(model, micro)
+            loss, _ = bradley_terry_loss(chosen, rejected, margin=micro.margin,
+                                         center_rewards_coefficient=center_rewards_coefficient)
+            n = micro.num_pairs
+            totals += torch.tensor([float(loss) * n, float((chosen > rejected).sum()), float((chosen - rejected).sum()),
+                                    float((chosen + rejected).sum()) / 2, n], dtype=torch.float64)
+        dist.all_reduce_sum(totals)
+        pairs = float(totals[4].clamp(min=1))
+        return {"eval/loss": float(totals[0]) / pairs, "eval/accuracy": float(totals[1]) / pairs,
+                "eval/margin": float(totals[2]) / pairs, "eval/mean_reward": float(totals[3]) / pairs}
+
+    return evaluate
+
+
+def train(cfg: RMConfig) -> RunResult:
+    info = setup(cfg.train)
+
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    model, tokenizer = build_reward_model(cfg.model, tokenizer, device=info.device)
+    set_chat_template(tokenizer, cfg.chat_template)
+    add_trainable(model, cfg.lora, cfg.rm.train_last_layers)
+
+    # Data: validated and tokenised before the run directory is touched (a bad record leaves nothing behind).
+    data = load_preference_data(cfg.data, tokenizer, info, max_prompt_length=cfg.rm.max_prompt_length,
+                                strict=cfg.rm.strict, margin_field=cfg.rm.margin_field)
+
+    def collate(items: list[PairItem]) -> PairMicroBatch:
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin)
+
+    batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
+                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                          rank=info.rank, world_size=info.world_size)
+    steps = total_steps(cfg.train, batches.steps_per_epoch)
+    coefficient = cfg.rm.center_rewards_coefficient
+    eval_fn = make_eval_fn(data.eval, collate, cfg.train.micro_batch_size, info, coefficient) if data.eval else None
+
+    run_dir = prepare_run_dir(cfg, info)
+    if info.is_main:
+        tokenizer.save(run_dir / "tokenizer")
+        (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
+    engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
+                    num_tokens_fn=count_pairs, config_dict=config_to_dict(cfg))
+    metrics = engine.train(batches, make_loss_fn(coefficient, info.device), eval_fn=eval_fn)
+    final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
+    return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
