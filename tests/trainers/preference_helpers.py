@@ -43,3 +43,13 @@ def fruit_pairs(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def marked_pairs(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Pairs with a surface rule a tiny reward model learns in a few steps: chosen answers end with "!"."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        i, j = (int(v) for v in torch.randint(0, len(WORDS), (2,), generator=g))
+        out.append({"prompt": f"after {WORDS[i]}?", "chosen": f"{WORDS[j]}!", "rejected": f"{WORDS[(j + 3) % 8]}."})
+    return out

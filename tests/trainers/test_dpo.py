@@ -22,6 +22,15 @@ from alignkit.trainers.preference_data import PairItem, collate_pairs
 from tests.trainers.preference_helpers import fruit_pairs, tiny_base, write_jsonl
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Any:
+    # Tiny models: threads only add overhead (and stall on a shared CPU). Runs also set train.num_threads=1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_policy(tmp_path: Path) -> tuple[Any, Any]:
     from alignkit.checkpoint import load_pretrained
 
@@ -48,7 +57,7 @@ def dpo_config(tmp_path: Path, base: str, data_path: str, **sections: dict) -> D
         "data": {"train": data_path, "max_length": 96, "eval_size": 8},
         "optim": {"lr": 5e-3, "warmup_steps": 0, "schedule": "constant"},
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 6, "output_dir": str(tmp_path / "run"),
-                  "report_to": []},
+                  "report_to": [], "num_threads": 1},
         "dpo": {"beta": 0.5},
     }
     for name, values in sections.items():
