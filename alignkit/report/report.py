@@ -27,6 +27,8 @@ from alignkit.errors import DataError
 # Keys read as "the accuracy" of a row, first match wins: task accuracy, then reward-model / DPO accuracies.
 ACCURACY_KEYS = ("accuracy/heldout", "accuracy", "eval/accuracy", "eval/rewards/accuracies", "rewards/accuracies")
 LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected")
+# DPO's likelihood diagnostics: policy minus reference log-prob (near 0, so on their own axes).
+DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_delta", "eval/logps/rejected_delta")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -218,23 +220,36 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
         fig.savefig(run_dir / "accuracy.png", dpi=100)
         written.append("accuracy.png")
 
-    # DPO-family stages log the policy's log-probs of chosen and rejected responses; plot whichever are present.
-    logps = {name: rows for name, rows in stages.items() if any(_series(rows, k)[1] for k in LOGPS_KEYS)}
+    # DPO-family stages log the policy's log-probs of chosen and rejected responses (and their change relative to
+    # the reference); plot whichever are present.
+    for keys, filename, what in ((LOGPS_KEYS, "logps.png", "log-probs"),
+                                 (DELTA_KEYS, "logps_delta.png", "log-prob - reference")):
+        written += _logps_plot(run_dir, stages, keys, filename, what)
+    return written
+
+
+def _logps_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tuple[str, ...], filename: str,
+                what: str) -> list[str]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written: list[str] = []
+    logps = {name: rows for name, rows in stages.items() if any(_series(rows, k)[1] for k in keys)}
     if logps:
         fig = Figure(figsize=(5 * len(logps), 3.6), layout="constrained")
         FigureCanvasAgg(fig)
         for i, (name, rows) in enumerate(logps.items()):
             ax = fig.add_subplot(1, len(logps), i + 1)
-            for key in LOGPS_KEYS:
+            for key in keys:
                 steps, values = _series(rows, key)
                 if values:
                     ax.plot(steps, values, "o-" if key.startswith("eval/") else "-", label=key, markersize=3)
-            ax.set_title(f"{name}: log-probs")
+            ax.set_title(f"{name}: {what}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.savefig(run_dir / "logps.png", dpi=100)
-        written.append("logps.png")
+        fig.savefig(run_dir / filename, dpi=100)
+        written.append(filename)
     return written
 
 
