@@ -240,7 +240,7 @@ class LikelihoodMonitor:
                 f"warning: likelihood displacement: logps/chosen_delta and logps/rejected_delta (policy minus "
                 f"reference log-prob) have both been negative for the last {self.window} steps (now {chosen:.3f} "
                 f"and {rejected:.3f}); the margin grows only because rejected falls faster than chosen. Consider "
-                "dpo.rpo_alpha (an NLL term on chosen), a higher dpo.beta or a lower optim.lr (docs/concepts/dpo.md)."
+                "dpo.rpo_alpha (an NLL term on chosen), a lower optim.lr or fewer steps (docs/concepts/dpo.md)."
             )
             self.warnings.append(f"step {self.step}: {text}")
             if self.enabled:
