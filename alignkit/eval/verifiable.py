@@ -36,23 +36,35 @@ def verifiable_accuracy(
     batch_size: int = 64,
     is_correct: Callable[[str, str], bool] | None = None,
     num_examples: int = 5,
+    prompt_format: str = "chat",
 ) -> dict[str, Any]:
     """Greedy-decode an answer to every problem and check it with `is_correct(completion, reference)`.
 
     Each prompt is the problem's messages rendered with the tokenizer's chat template and the assistant
     generation prompt; decoding stops at the tokenizer's stop tokens (end of turn / EOS). `is_correct` defaults to
-    the arithmetic task's check ("The answer is N"). Returns {"accuracy", "num", "num_correct", "examples"} where
+    the arithmetic task's check ("The answer is N"). `prompt_format="text"` instead feeds the bare question as
+    plain text and stops at the end of the line, which is how a pretrained model saw such problems (no chat
+    template). Returns {"accuracy", "num", "num_correct", "examples"} where
     `examples` holds the first `num_examples` as {"prompt", "completion", "reference", "correct"}.
     """
     check = is_correct or _default_check
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
+    if prompt_format not in ("chat", "text"):
+        raise ValueError(f"prompt_format must be 'chat' or 'text', got {prompt_format!r}")
+    chat = prompt_format == "chat"
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop_strings=None if chat else ["\n"]
+    )
     num_correct = 0
     examples: list[dict[str, Any]] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        prompts = [
-            tokenizer.apply_chat_template(p.prompt_messages(), add_generation_prompt=True).input_ids for p in chunk
-        ]
+        if chat:
+            prompts = [
+                tokenizer.apply_chat_template(p.prompt_messages(), add_generation_prompt=True).input_ids
+                for p in chunk
+            ]
+        else:
+            prompts = [tokenizer.encode(p.prompt_messages()[-1]["content"], add_special_tokens=True) for p in chunk]
         completions = generate(model, prompts, params, tokenizer=tokenizer)
         for problem, completion in zip(chunk, completions):
             text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)

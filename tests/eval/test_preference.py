@@ -20,6 +20,7 @@ def test_reward_accuracy() -> None:
         reward_accuracy(chosen, rejected[:2])
 
 
+@torch.no_grad()
 def _logp(model: LlamaForCausalLM, prompt: list[int], response: list[int]) -> float:
     """Sum of log p(response token) one sequence at a time, with log_softmax over the full logits."""
     ids = torch.tensor([prompt + response])

@@ -68,3 +68,26 @@ def test_real_engine_on_a_random_model() -> None:
     assert V.verifiable_accuracy(model, tokenizer, problems, max_new_tokens=2, is_correct=lambda c, r: True)[
         "accuracy"
     ] == 1.0
+
+
+def test_plain_text_prompts_stop_at_the_line_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prompt_format="text": the bare question, encoded without a template, and decoding stops at a newline."""
+    problems = A.make_problems(2, seed=0)
+    seen: list[tuple[list[list[int]], SamplingParams]] = []
+
+    class TextTokenizer(PromptTokenizer):
+        def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+            return [ord(c) for c in text]
+
+    def fake_generate(model: object, prompts: list[list[int]], params: SamplingParams, *, tokenizer: object):
+        seen.append((prompts, params))
+        return [Completion(i, [], [], [], "stop", f" The answer is {problems[i].answer}.") for i in range(len(prompts))]
+
+    monkeypatch.setattr(V, "generate", fake_generate)
+    result = V.verifiable_accuracy(None, TextTokenizer(), problems, prompt_format="text")  # type: ignore[arg-type]
+    assert result["accuracy"] == 1.0
+    prompts, params = seen[0]
+    assert prompts == [[ord(c) for c in p.question] for p in problems]
+    assert params.stop_strings == ["\n"] and params.temperature == 0
+    with pytest.raises(ValueError, match="prompt_format"):
+        V.verifiable_accuracy(None, TextTokenizer(), problems, prompt_format="xml")  # type: ignore[arg-type]

@@ -1,0 +1,356 @@
+"""`alignkit quickstart`: the whole pipeline on the built-in arithmetic task, on a CPU, with no download.
+
+    data -> tokenizer -> pretrain -> sft -> evaluate -> report
+
+One recipe (`alignkit/recipes/quickstart.yaml`) drives every stage; each stage is a function in `STAGES` that reads
+its section of the recipe and what earlier stages produced (`StageContext.results`), and writes into its own folder
+of the run directory. A later stage (rm, dpo, ppo, grpo, rejection_sampling) is one more function here and one
+more entry in the recipe's `stages` list; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.errors import ConfigError
+from alignkit.tasks import arithmetic
+
+PACKAGED_RECIPE = "quickstart.yaml"
+
+
+@dataclass
+class StageResult:
+    """What a stage leaves for later ones: named paths (model_dir, tokenizer_dir, ...) and headline numbers."""
+
+    paths: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function sees: the run directory, the whole recipe, and earlier stages' results."""
+
+    run_dir: Path
+    recipe: dict[str, Any]
+    results: dict[str, StageResult]
+    name: str = ""
+
+    @property
+    def section(self) -> dict[str, Any]:
+        """This stage's section of the recipe (empty when the recipe has none)."""
+        return copy.deepcopy(self.recipe.get(self.name) or {})
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe.get("seed", 0))
+
+    def require(self, stage: str, path: str) -> Path:
+        """A path an earlier stage produced; a ConfigError naming both stages when that stage did not run."""
+        if stage not in self.results or path not in self.results[stage].paths:
+            raise ConfigError(
+                f"stage {self.name!r} needs the {path} of stage {stage!r}; put {stage!r} before {self.name!r} "
+                "in the recipe's `stages` list."
+            )
+        return self.results[stage].paths[path]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+def stage_data(ctx: StageContext) -> StageResult:
+    """Generate the task's data files: pretraining text, SFT chat records, preference pairs, held-out problems."""
+    s = ctx.section
+    difficulty = int(s.get("difficulty", 1))
+    seed = ctx.seed
+    # Distinct seeds per use, and every training file drawn from the "train" operand pairs only.
+    pretrain = arithmetic.make_problems(int(s.get("pretrain_problems", 20000)), seed * 10 + 1, difficulty)
+    sft = arithmetic.make_problems(int(s.get("sft_problems", 5000)), seed * 10 + 2, difficulty)
+    heldout = arithmetic.make_problems(int(s.get("eval_problems", 200)), seed * 10 + 3, difficulty, split="heldout")
+    out = ctx.stage_dir
+    paths = {
+        "pretrain_text": out / "pretrain.jsonl",
+        "sft_train": out / "sft_train.jsonl",
+        "sft_eval": out / "sft_eval.jsonl",
+        "preferences": out / "preferences.jsonl",
+    }
+    texts = arithmetic.as_pretraining_text(pretrain, seed=seed, per_document=int(s.get("problems_per_document", 6)))
+    _write_jsonl(paths["pretrain_text"], [{"text": t} for t in texts])
+    _write_jsonl(paths["sft_train"], arithmetic.as_chat_records(sft))
+    _write_jsonl(paths["sft_eval"], arithmetic.as_chat_records(heldout))
+    _write_jsonl(paths["preferences"], arithmetic.as_preference_records(sft, seed=seed))
+    return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout)})
+
+
+def stage_tokenizer(ctx: StageContext) -> StageResult:
+    """Train a byte-level BPE on the pretraining text, with the chat template's special tokens."""
+    from alignkit.data import load_records
+    from alignkit.tokenizer import train_bpe
+
+    s = ctx.section
+    texts = [r["text"] for r in load_records(ctx.require("data", "pretrain_text"))]
+    tokenizer = train_bpe(texts, vocab_size=int(s.get("vocab_size", 512)), template=str(s.get("template", "chatml")))
+    tokenizer.save(ctx.stage_dir)
+    sample = arithmetic.make_problems(1, seed=0)[0]
+    tokens = len(tokenizer.encode(f"{sample.question} {sample.solution}"))
+    return StageResult(paths={"tokenizer_dir": ctx.stage_dir},
+                       summary={"vocab_size": tokenizer.vocab_size, "tokens_per_problem": tokens})
+
+
+def _train_stage(ctx: StageContext, stage: str, filled: dict[str, Any]) -> StageResult:
+    """Run trainer `stage` with the recipe section merged over the paths the pipeline fills in."""
+    from alignkit.config import config_from_dict
+    from alignkit.trainers import run, stage_module
+
+    section = _merge(filled, ctx.section)
+    section.setdefault("train", {})["output_dir"] = str(ctx.stage_dir)
+    cfg = config_from_dict(stage_module(stage).Config, section, source=f"quickstart recipe section {ctx.name!r}")
+    result = run(stage, cfg)
+    last = result.metrics[-1] if result.metrics else {}
+    evals = [row["eval/loss"] for row in result.metrics if "eval/loss" in row]
+    summary = {"steps": last.get("step"), "loss": last.get("loss"), "eval_loss": evals[-1] if evals else None}
+    return StageResult(paths={"model_dir": result.final_model_dir}, summary=summary)
+
+
+def stage_pretrain(ctx: StageContext) -> StageResult:
+    """A small Llama from scratch on the task's raw text."""
+    return _train_stage(ctx, "pretrain", {
+        "tokenizer": str(ctx.require("tokenizer", "tokenizer_dir")),
+        "data": {"train": str(ctx.require("data", "pretrain_text")), "format": "text", "truncation": "split"},
+        "train": {"seed": ctx.seed},
+    })
+
+
+def stage_sft(ctx: StageContext) -> StageResult:
+    """Supervised fine-tuning of the pretrained model on chat records (loss on the assistant's answer only)."""
+    return _train_stage(ctx, "sft", {
+        "model": {"path": str(ctx.require("pretrain", "model_dir"))},
+        "data": {"train": str(ctx.require("data", "sft_train")), "eval": str(ctx.require("data", "sft_eval")),
+                 "format": "chat"},
+        "train": {"seed": ctx.seed},
+    })
+
+
+def stage_evaluate(ctx: StageContext) -> StageResult:
+    """Held-out task accuracy (greedy, through the chat template) and held-out loss of each listed model."""
+    import alignkit
+    from alignkit.data import load_records, pad_collate, tokenize_dataset
+    from alignkit.eval import evaluate_loss, verifiable_accuracy
+
+    s = ctx.section
+    difficulty = int((ctx.recipe.get("data") or {}).get("difficulty", 1))
+    num = int((ctx.recipe.get("data") or {}).get("eval_problems", 200))
+    heldout = arithmetic.make_problems(num, ctx.seed * 10 + 3, difficulty, split="heldout")
+    # Training operand pairs in new wordings (a seed no training file used): what was learnt, not how it generalises.
+    seen_pairs = arithmetic.make_problems(num, ctx.seed * 10 + 4, difficulty, split="train")
+    records = load_records(ctx.require("data", "sft_eval"))
+    max_new, batch_size = int(s.get("max_new_tokens", 24)), int(s.get("batch_size", 64))
+
+    rows, examples = [], []
+    for index, name in enumerate(s.get("models", ["pretrain", "sft"])):
+        model, tokenizer = alignkit.load(str(ctx.require(name, "model_dir")))
+        started = time.perf_counter()
+        held = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size)
+        seen = verifiable_accuracy(model, tokenizer, seen_pairs, max_new_tokens=max_new, batch_size=batch_size)
+        # The same held-out problems as plain text, the form pretraining saw (no chat template).
+        text = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size,
+                                   prompt_format="text")
+        examples_ = tokenize_dataset(records, tokenizer, format="chat", max_length=256)
+        batches = [pad_collate(examples_[i : i + 64], pad_id=tokenizer.pad_token_id)
+                   for i in range(0, len(examples_), 64)]
+        loss = evaluate_loss(model, batches)
+        rows.append({
+            "step": index, "model": name,
+            "accuracy/heldout": held["accuracy"], "accuracy/train_pairs": seen["accuracy"],
+            "accuracy/heldout_plain_text": text["accuracy"],
+            "eval/loss": loss["loss"], "eval/perplexity": loss["perplexity"],
+            "num_problems": held["num"], "eval_s": time.perf_counter() - started,
+        })
+        examples += [{"model": name, **ex} for ex in held["examples"][:3]]
+    _write_jsonl(ctx.stage_dir / "metrics.jsonl", rows)
+    _write_jsonl(ctx.stage_dir / "examples.jsonl", examples)
+    return StageResult(summary={row["model"]: row for row in rows})
+
+
+def stage_report(ctx: StageContext) -> StageResult:
+    """Write report.md and the plots for the whole run directory."""
+    from alignkit.report import build_report
+
+    path = build_report(ctx.run_dir, title="alignkit quickstart")
+    return StageResult(paths={"report": path})
+
+
+STAGES: dict[str, Callable[[StageContext], StageResult]] = {
+    "data": stage_data,
+    "tokenizer": stage_tokenizer,
+    "pretrain": stage_pretrain,
+    "sft": stage_sft,
+    "evaluate": stage_evaluate,
+    "report": stage_report,
+}
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: `override` wins, dicts merge key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(recipe: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    """Set `a.b.c` in the nested recipe; the first key must be a top-level key of the recipe."""
+    keys = dotted.split(".")
+    if keys[0] not in recipe:
+        raise ConfigError(f"{source}: {dotted!r} does not start with a recipe section ({', '.join(recipe)}).")
+    node = recipe
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {dotted!r} goes through {key!r}, which is a value, not a section.")
+    node[keys[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar, except that "2e-4" is a float (YAML 1.1 reads exponents without a dot as strings)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_recipe(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """A recipe file and its name for messages; `base:` (a path, or `packaged:<name>`) is read first and merged under."""
+    if path is None or str(path).startswith("packaged:"):
+        name = PACKAGED_RECIPE if path is None else str(path).split(":", 1)[1]
+        text, source = resources.files("alignkit").joinpath("recipes").joinpath(name).read_text(), f"alignkit/recipes/{name}"
+    else:
+        text, source = Path(path).read_text(), str(path)
+    recipe = yaml.safe_load(text) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{source}: a quickstart recipe is a YAML mapping of sections; this file is not.")
+    base = recipe.pop("base", None)
+    if base is not None:
+        if path is not None and not str(base).startswith("packaged:") and not Path(base).is_absolute():
+            base = Path(path).parent / base
+        parent, _ = _read_recipe(base)
+        recipe = _merge(parent, recipe)
+    return recipe, source
+
+
+def load_recipe(path: str | Path | None, *, fast: bool = False, overrides: list[str] = ()) -> dict[str, Any]:
+    """The recipe at `path` (default: the packaged one), with `--fast` and `key=value` overrides applied.
+
+    A recipe may start from another with `base: packaged:quickstart.yaml` (or a path relative to it) and list only
+    what it changes; sections merge key by key.
+    """
+    recipe, source = _read_recipe(path)
+    if fast:
+        for dotted, value in (recipe.get("fast") or {}).items():
+            apply_override(recipe, dotted, value, source=f"{source} (fast)")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key.sub=value, e.g. pretrain.train.max_steps=100.")
+        dotted, raw = item.split("=", 1)
+        apply_override(recipe, dotted, _parse_value(raw), source="command line")
+    unknown = [s for s in recipe.get("stages", []) if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"{source}: unknown stage {unknown[0]!r} in `stages`; the stages are {', '.join(STAGES)}.")
+    return recipe
+
+
+def run_pipeline(recipe: dict[str, Any], run_dir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, StageResult]:
+    """Run the recipe's stages in order in `run_dir`; return each stage's result."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"output directory {run_dir} is not empty; choose a new --output (or delete that folder).")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = list(recipe.get("stages", []))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (run_dir / "pipeline.json").write_text(json.dumps({"stages": stages}))
+    ctx = StageContext(run_dir=run_dir, recipe=recipe, results={})
+    for number, name in enumerate(stages, start=1):
+        log(f"[{number}/{len(stages)}] {name}: {(STAGES[name].__doc__ or '').strip().splitlines()[0]}")
+        ctx.name = name
+        started = time.perf_counter()
+        result = STAGES[name](ctx)
+        result.seconds = time.perf_counter() - started
+        ctx.results[name] = result
+        log(f"[{number}/{len(stages)}] {name} done in {result.seconds:.1f} s")
+    timings = {name: round(r.seconds, 2) for name, r in ctx.results.items()}
+    (run_dir / "timings.json").write_text(json.dumps({"stages": timings, "total_s": round(sum(timings.values()), 2),
+                                                      "cpus": os.cpu_count(), "machine": platform.machine()}))
+    return ctx.results
+
+
+def summary_table(results: dict[str, StageResult]) -> str:
+    """The short table printed at the end: each evaluated model's accuracies and loss, then stage times."""
+    lines = []
+    evaluated = results.get("evaluate")
+    if evaluated is not None:
+        lines.append(f"{'model':<10} {'held-out acc':>12} {'train-pair acc':>14} {'plain-text acc':>14} {'eval loss':>9}")
+        for name, row in evaluated.summary.items():
+            lines.append(f"{name:<10} {row['accuracy/heldout']:>12.3f} {row['accuracy/train_pairs']:>14.3f} "
+                         f"{row['accuracy/heldout_plain_text']:>14.3f} {row['eval/loss']:>9.3f}")
+    total = sum(r.seconds for r in results.values())
+    lines.append("time: " + ", ".join(f"{n} {r.seconds:.0f}s" for n, r in results.items()) + f"; total {total:.0f}s")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def add_quickstart_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "quickstart", help="run the whole pipeline on a built-in arithmetic task (CPU, minutes, no download)",
+        description="Generate arithmetic word problems, train a tokenizer, pretrain a small Llama from scratch, "
+        "fine-tune it on chat records, evaluate held-out accuracy, and write a report with plots.",
+    )
+    parser.add_argument("--output", "-o", help="run directory (default: runs/quickstart-<timestamp>)")
+    parser.add_argument("--recipe", help="recipe YAML (default: the one shipped in alignkit/recipes/quickstart.yaml)")
+    parser.add_argument("--fast", action="store_true", help="a tiny model and a few steps: seconds, for tests")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="recipe overrides, e.g. pretrain.train.max_steps=200")
+    parser.set_defaults(func=run_quickstart)
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, fast=args.fast, overrides=list(args.overrides))
+    run_dir = Path(args.output or f"runs/quickstart-{datetime.now():%Y%m%d-%H%M%S}")
+    results = run_pipeline(recipe, run_dir)
+    print()
+    print(summary_table(results))
+    if "report" in results:
+        print(f"report: {results['report'].paths['report']}")
+    return 0
