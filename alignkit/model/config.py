@@ -206,7 +206,7 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
 
-def llama3_inv_freq(inv_freq: "torch.Tensor", scaling: dict[str, Any]) -> "torch.Tensor":  # noqa: F821
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:  # noqa: F821
     """Llama 3.1's RoPE frequency rescaling: keep high frequencies, divide low ones by `factor`, blend between.
 
     Written from the Llama 3.1 reference (`apply_scaling` in meta-llama/llama-models).
