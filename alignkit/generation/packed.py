@@ -10,6 +10,11 @@ Packing reads every weight once (~0.2 s for 135M parameters) and holds a packed 
 the `with` block ends, so peak memory during generation is about twice the weights. The swap is per instance
 (`module.forward`), is undone on exit even after an error, and leaves the module's parameters untouched, so
 training state and `state_dict` are never affected.
+
+Projections that read the same input are packed as one matrix: q, k and v of each attention layer
+(`Attention.project_qkv`), and gate and up of each SwiGLU MLP. One larger matmul instead of three (or two) saves
+the per-call overhead that dominates a decode step once the matmuls themselves are fast (~90 fewer calls per step
+for a 30-layer model).
 """
 
 from __future__ import annotations
@@ -26,6 +31,29 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 def _packed_forward(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+def _pack(linears: list[nn.Linear], batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """One packed weight for linears that share their input (outputs concatenated), its bias, the split sizes."""
+    weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+    biases = [m.bias for m in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                          for b, m in zip(biases, linears)])
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
+    return packed, bias, [m.out_features for m in linears]
+
+
+def _fused_qkv(packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], x: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+    return tuple(_packed_forward(packed, bias, x).split(sizes, dim=-1))
+
+
+def _fused_swiglu(packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], down: nn.Module,
+                  x: torch.Tensor) -> torch.Tensor:
+    gate, up = _packed_forward(packed, bias, x).split(sizes, dim=-1)
+    return down(torch.nn.functional.silu(gate) * up)
 
 
 @functools.cache
@@ -60,16 +88,33 @@ def packed_linears(model: nn.Module, *, batch_size: int, enabled: bool = True) -
     if not active:
         yield False
         return
-    patched: list[nn.Linear] = []
+    from alignkit.model.llama import MLP, Attention
+
+    # (module, attribute) pairs whose instance attribute shadows the class's method; `del` below restores them.
+    patched: list[tuple[nn.Module, str]] = []
+    fused: set[nn.Linear] = set()
     try:
         with torch.inference_mode():
+            for module in model.modules():
+                if isinstance(module, Attention) and type(module).project_qkv is Attention.project_qkv:
+                    parts = [module.q_proj, module.k_proj, module.v_proj]
+                    if all(type(m) is nn.Linear for m in parts):
+                        module.project_qkv = functools.partial(_fused_qkv, *_pack(parts, batch_size))  # type: ignore[method-assign]
+                        patched.append((module, "project_qkv"))
+                        fused.update(parts)
+                elif isinstance(module, MLP) and type(module).forward is MLP.forward:
+                    parts = [module.gate_proj, module.up_proj]
+                    if all(type(m) is nn.Linear for m in parts):
+                        module.forward = functools.partial(  # type: ignore[method-assign]
+                            _fused_swiglu, *_pack(parts, batch_size), module.down_proj)
+                        patched.append((module, "forward"))
+                        fused.update(parts)
             for module in linears:
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size)
-                bias = module.bias.detach() if module.bias is not None else None
-                # An instance attribute shadows the class's forward; `del` below restores it.
-                module.forward = functools.partial(_packed_forward, packed, bias)  # type: ignore[method-assign]
-                patched.append(module)
+                if module not in fused:
+                    packed, bias, _ = _pack([module], batch_size)
+                    module.forward = functools.partial(_packed_forward, packed, bias)  # type: ignore[method-assign]
+                    patched.append((module, "forward"))
         yield True
     finally:
-        for module in patched:
-            del module.forward
+        for module, name in patched:
+            delattr(module, name)

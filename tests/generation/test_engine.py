@@ -256,7 +256,12 @@ def test_packed_linears_match_plain_linears_and_are_removed() -> None:
         with packed_linears(model, batch_size=3) as active:
             packed = model(ids)
             assert active and "forward" in vars(model.lm_head)
+            # q/k/v and gate/up run as one fused matmul each; down_proj and o_proj alone.
+            layer = model.model.layers[0]
+            assert "project_qkv" in vars(layer.self_attn) and "forward" in vars(layer.mlp)
+            assert "forward" not in vars(layer.self_attn.q_proj) and "forward" in vars(layer.mlp.down_proj)
     assert "forward" not in vars(model.lm_head)
+    assert not any({"forward", "project_qkv"} & set(vars(m)) for m in model.modules())
     assert torch.allclose(plain, packed, atol=1e-5)
     prompts = prompts_of(PROMPT_LENGTHS)
     params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
