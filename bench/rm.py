@@ -61,6 +61,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
                   "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir},
+        "rm": {"head_init": "normal"},  # TRL's score-head init, so both sides start from the same kind of head
     })
     rows = [r for r in run("rm", cfg).metrics if r.get("step", 0) >= 1]
     stats = throughput([r["elapsed_s"] for r in rows], args.batch_size, args.warmup)

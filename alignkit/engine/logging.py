@@ -106,7 +106,7 @@ class MetricsLogger:
         done = step - self._start_step
         rate = done / max(time.perf_counter() - self._start, 1e-9)
         eta = (self.total_steps - step) / rate if rate > 0 else math.inf
-        shown = {k: v for k, v in row.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s") or k.startswith("eval/")}
+        shown = {k: v for k, v in row.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s", "pairs_per_s") or k.startswith("eval/")}
         text = " ".join(f"{k}={_format_value(v)}" for k, v in shown.items())
         eta_text = _format_duration(eta) if math.isfinite(eta) else "?"
         if self.is_tty:

@@ -47,7 +47,8 @@ LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 # Metrics the engine computes itself; a loss_fn's own values under these names are ignored.
-_ENGINE_KEYS = {"step", "loss", "lr", "grad_norm", "num_tokens", "tokens_per_s", "elapsed_s", "epoch"}
+_ENGINE_KEYS = {"step", "loss", "lr", "grad_norm", "num_tokens", "tokens_per_s", "num_pairs", "pairs_per_s",
+                "elapsed_s", "epoch"}
 
 
 class NonFiniteLossError(UserError):
@@ -70,6 +71,7 @@ class Engine:
         total_steps: int,
         dist_info: dist.DistInfo | None = None,
         num_tokens_fn: Callable[[Any], int] = default_num_tokens,
+        count_unit: str = "tokens",
         config_dict: dict[str, Any] | None = None,
         stream: Any = None,
     ) -> None:
@@ -81,6 +83,8 @@ class Engine:
         self.total_steps = total_steps
         self.dist = dist_info or dist.DistInfo(device=next(model.parameters()).device)
         self.num_tokens_fn = num_tokens_fn
+        # What num_tokens_fn counts; names the logged count and rate (num_pairs / pairs_per_s for preference stages).
+        self.count_unit = count_unit
         self.model = model
         self.wrapped = dist.wrap_model(model, cfg.strategy, self.dist)
         self.optimizer = build_optimizer(model, optim)
@@ -190,6 +194,9 @@ class Engine:
             if do_eval or is_last or self.step % self.cfg.log_every == 0:
                 now = time.perf_counter()
                 row["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                if self.count_unit != "tokens":
+                    row[f"num_{self.count_unit}"] = row.pop("num_tokens")
+                    row[f"{self.count_unit}_per_s"] = row.pop("tokens_per_s")
                 row["elapsed_s"] = self.elapsed
                 window_tokens, window_start = 0, now
                 self.rows.append(row)

@@ -28,17 +28,27 @@ from alignkit.tokenizer import Tokenizer
 Message = dict[str, str]
 
 
-def score_model_from_causal_lm(lm: LlamaForCausalLM) -> LlamaForScore:
+def score_model_from_causal_lm(lm: LlamaForCausalLM, *, head_init: str = "zero") -> LlamaForScore:
     """A reward model sharing `lm`'s decoder (no copy), with a fresh score head; the LM head is dropped.
 
-    The head is initialised N(0, 1/sqrt(hidden + 1)) as in TRL, from the global torch RNG (seeded by the trainer).
+    `head_init`: "zero" (every response starts at reward 0, so the first Bradley-Terry loss is exactly ln 2 and the
+    head only learns what separates chosen from rejected), or "normal": N(0, 1/sqrt(hidden + 1)) as in TRL, from
+    the global torch RNG (seeded by the trainer). The random head gives each response an arbitrary initial reward
+    of order |h| / sqrt(hidden) (about 2 for SmolLM2's final hidden states) that a small dataset must first
+    unlearn: head-only training on 400 HH-RLHF pairs reached ~0.60 held-out accuracy from zero and ~0.55 from
+    the random init (mean of 8 splits).
     """
+    if head_init not in ("zero", "normal"):
+        raise ValueError(f"head_init must be 'zero' or 'normal'; got {head_init!r}.")
     with torch.device("meta"):
         model = LlamaForScore(lm.config)
     model.model = lm.model
     weight = lm.model.embed_tokens.weight
     model.score = nn.Linear(lm.config.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
-    nn.init.normal_(model.score.weight, std=1 / math.sqrt(lm.config.hidden_size + 1))
+    if head_init == "zero":
+        nn.init.zeros_(model.score.weight)
+    else:
+        nn.init.normal_(model.score.weight, std=1 / math.sqrt(lm.config.hidden_size + 1))
     model.train(lm.training)
     return model
 

@@ -373,7 +373,7 @@ def train(cfg: DPOConfig) -> RunResult:
         tokenizer.save(run_dir / "tokenizer")
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
     engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
-                    num_tokens_fn=count_pairs, config_dict=config_to_dict(cfg))
+                    num_tokens_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
 
     reference: Reference | None = None
     if needs_reference:

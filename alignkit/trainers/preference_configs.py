@@ -38,6 +38,8 @@ class RMSection:
     margin_field: str = "margin"
     # Cut prompts longer than this many tokens from the left first (null: only data.max_length applies).
     max_prompt_length: int | None = None
+    # Initial score head of a model that has none: zero (first loss exactly ln 2) or normal (TRL's N(0, 1/sqrt(H+1))).
+    head_init: str = "zero"
     # Train only the last N decoder layers plus the final norm and the score head (null: every layer, or LoRA).
     train_last_layers: int | None = None
     # Records that are not usable pairs (no shared prompt, no final assistant turn): raise instead of dropping them.
@@ -46,6 +48,8 @@ class RMSection:
     def __post_init__(self) -> None:
         if self.center_rewards_coefficient < 0:
             raise ConfigError(f"rm.center_rewards_coefficient must be >= 0; got {self.center_rewards_coefficient}.")
+        if self.head_init not in ("zero", "normal"):
+            raise ConfigError(f"rm.head_init must be 'zero' or 'normal'; got {self.head_init!r}.")
         if self.train_last_layers is not None and self.train_last_layers < 0:
             raise ConfigError(f"rm.train_last_layers must be >= 0; got {self.train_last_layers}.")
 

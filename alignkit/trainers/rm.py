@@ -50,8 +50,8 @@ from alignkit.trainers.sft import set_chat_template
 Config = RMConfig
 
 
-def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, device: torch.device
-                       ) -> tuple[LlamaForScore, Tokenizer]:
+def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, device: torch.device,
+                       head_init: str = "zero") -> tuple[LlamaForScore, Tokenizer]:
     """A reward model from `model.path`: a score checkpoint continues training; a language model (HF, .gguf,
     run directory) gets a new score head on its decoder."""
     if section.path is not None:
@@ -73,7 +73,7 @@ def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, de
             return model, tokenizer
     lm, tokenizer = build_model(section, tokenizer, device=device)
     assert isinstance(lm, LlamaForCausalLM)
-    return score_model_from_causal_lm(lm), tokenizer
+    return score_model_from_causal_lm(lm, head_init=head_init), tokenizer
 
 
 def freeze_all_but_last(model: LlamaForScore, num_layers: int) -> None:
@@ -151,7 +151,7 @@ def train(cfg: RMConfig) -> RunResult:
     info = setup(cfg.train)
 
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    model, tokenizer = build_reward_model(cfg.model, tokenizer, device=info.device)
+    model, tokenizer = build_reward_model(cfg.model, tokenizer, device=info.device, head_init=cfg.rm.head_init)
     set_chat_template(tokenizer, cfg.chat_template)
     add_trainable(model, cfg.lora, cfg.rm.train_last_layers)
 
@@ -174,7 +174,7 @@ def train(cfg: RMConfig) -> RunResult:
         tokenizer.save(run_dir / "tokenizer")
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
     engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
-                    num_tokens_fn=count_pairs, config_dict=config_to_dict(cfg))
+                    num_tokens_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
     metrics = engine.train(batches, make_loss_fn(coefficient, info.device), eval_fn=eval_fn)
     final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

@@ -133,25 +133,48 @@ def test_bad_input_fails_with_clear_messages_and_no_checkpoints(tmp_path: Path) 
         load_reward_model(base)
 
 
+def test_zero_head_starts_at_ln2_and_normal_head_follows_trl_init(tmp_path: Path) -> None:
+    """rm.head_init: zero gives every response reward 0 (first loss = ln 2 = 0.6931...); normal draws the head
+    from N(0, 1/sqrt(H + 1)) like TRL (H = 32 here: std 0.174)."""
+    import math
+
+    from alignkit.model import LlamaForCausalLM
+    from alignkit.rewards import score_model_from_causal_lm
+    from tests.conftest import tiny_config
+
+    base = tiny_base(tmp_path / "base")
+    cfg = rm_config(tmp_path, base, write_jsonl(tmp_path / "p.jsonl", marked_pairs(64)),
+                    train={"max_steps": 1, "log_every": 1, "eval_every": 0})
+    first = run("rm", cfg).metrics[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    # Preference stages count pairs, and say so in the metric names.
+    assert first["num_pairs"] == 16 and first["pairs_per_s"] > 0 and "tokens_per_s" not in first
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_config(hidden_size=32))
+    weights = torch.cat([score_model_from_causal_lm(lm, head_init="normal").score.weight.flatten() for _ in range(300)])
+    assert weights.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.05)
+    assert torch.count_nonzero(score_model_from_causal_lm(lm).score.weight) == 0
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="sizing not settled: measured 0.519 held-out accuracy (160 pairs) with this "
-                   "config; lr 1e-4 is too high for the fresh head (noisy train loss 0.7-1.3). Needs a lower lr and "
-                   "more pairs within the CPU budget.")
 def test_reward_model_on_real_hh_rlhf_pairs_beats_chance(tmp_path: Path, smollm2_gguf: str, shared_data: Path
                                                          ) -> None:
-    """SmolLM2-135M-Instruct, last 2 decoder layers + score head trained on 256 helpful-base pairs (max 96 tokens,
-    bf16), evaluated on 160 held-out pairs of the same file: accuracy clearly above chance."""
+    """SmolLM2-135M-Instruct with a zero-initialised score head and the final norm trained on 400 helpful-base
+    pairs (one epoch, max 128 tokens, bf16; the frozen decoder runs without autograd), evaluated on 240 held-out
+    pairs of the same file: accuracy clearly above chance (0.5; one standard error at 240 pairs is 0.032)."""
     torch.set_num_threads(2)
     cfg = config_from_dict(RMConfig, {
         "model": {"path": smollm2_gguf},
-        "data": {"train": str(shared_data / "hh-rlhf" / "helpful-base"), "max_length": 96, "limit": 416,
-                 "eval_size": 160, "seed": 0},
-        "optim": {"lr": 1e-4, "warmup_steps": 2},
-        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 16, "precision": "bf16",
+        "data": {"train": str(shared_data / "hh-rlhf" / "helpful-base"), "max_length": 128, "limit": 640,
+                 "eval_size": 240, "seed": 0},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 50, "precision": "bf16", "eval_every": 0,
                   "output_dir": str(tmp_path / "rm"), "report_to": [], "num_threads": 2},
-        "rm": {"train_last_layers": 2},
+        "rm": {"train_last_layers": 0},
     })
     result = run("rm", cfg)
     accuracy = result.metrics[-1]["eval/accuracy"]
-    print(f"held-out accuracy {accuracy:.3f} on 160 pairs")
-    assert accuracy >= 0.55, accuracy
+    print(f"held-out accuracy {accuracy:.3f} on 240 pairs")
+    assert accuracy >= 0.58, accuracy  # measured: 0.646 (eval loss 0.637 < ln 2)
