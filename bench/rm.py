@@ -2,8 +2,10 @@
 
 Both sides fully fine-tune the same checkpoint (the GGUF converted once with `alignkit convert`, a new score head
 on top) with the Bradley-Terry loss on the same helpful-base pairs rendered with the model's chat template, max
-length 256, the same batch of pairs, AdamW lr 1e-5, grad clipping at 1.0 and the same precision. Each side runs in
-its own subprocess, so peak RSS is that side's alone.
+length 256, the same batch of pairs, AdamW lr 1e-5, grad clipping at 1.0 and the same precision. TRL's
+RewardTrainer drops pairs whose chosen or rejected conversation is longer than max_length (it does not truncate),
+so alignkit runs with `data.truncation: drop` and both sides train on the same pairs. Each side runs in its own
+subprocess, so peak RSS is that side's alone.
 
 Reported per side: pairs/s over the steps after `--warmup` untimed ones, peak RSS, final loss; and the ratios.
 
@@ -35,7 +37,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = config_from_dict(RMConfig, {
         "model": {"path": args.model_dir},
-        "data": {"train": args.data, "max_length": args.max_length, "truncation": "left", "eval_size": 0,
+        "data": {"train": args.data, "max_length": args.max_length, "truncation": "drop", "eval_size": 0,
                  "eval_fraction": 0.0},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
