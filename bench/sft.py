@@ -50,7 +50,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     from alignkit.trainers.configs import SFTConfig
 
     cfg = config_from_dict(SFTConfig, {
-        "model": {"path": args.model_dir},
+        "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
         "data": {"train": args.data, "format": "instruction", "max_length": args.max_length, "eval_size": 0,
                  "eval_fraction": 0.0, "packing": False},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
@@ -99,6 +99,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", max_steps=args.steps, logging_steps=1,
         save_strategy="no", report_to=[], bf16=args.precision == "bf16", use_cpu=True, packing=False,
+        gradient_checkpointing=args.checkpointing == "on",
         completion_only_loss=True, dataloader_num_workers=0, seed=0,
     )
     counts: dict[str, list[int]] = {"targets": [], "totals": []}
@@ -137,7 +138,7 @@ def main() -> None:
         return
     args, results = ran
     print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, seq {args.max_length}, batch {args.batch_size}, "
-          f"{args.precision}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
+          f"{args.precision}, checkpointing {args.checkpointing}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
     print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {'peak RSS MB':>12s} {'final loss':>11s}")
     for side, r in results.items():
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
