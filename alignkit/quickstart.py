@@ -1,11 +1,11 @@
 """`alignkit quickstart`: the whole pipeline on the built-in arithmetic task, on a CPU, with no download.
 
-    data -> tokenizer -> pretrain -> sft -> evaluate -> report
+    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> evaluate -> report
 
 One recipe (`alignkit/recipes/quickstart.yaml`) drives every stage; each stage is a function in `STAGES` that reads
 its section of the recipe and what earlier stages produced (`StageContext.results`), and writes into its own folder
-of the run directory. A later stage (rm, dpo, ppo, grpo, rejection_sampling) is one more function here and one
-more entry in the recipe's `stages` list; nothing else changes.
+of the run directory. A later stage (ppo, grpo, rejection_sampling) is one more function here and one more entry
+in the recipe's `stages` list; nothing else changes.
 """
 
 from __future__ import annotations
@@ -85,23 +85,33 @@ def stage_data(ctx: StageContext) -> StageResult:
     s = ctx.section
     difficulty = int(s.get("difficulty", 1))
     seed = ctx.seed
-    # Distinct seeds per use, and every training file drawn from the "train" operand pairs only.
+    # Distinct seeds per use, and every training file drawn from the "train" operand pairs only. Seed offsets:
+    # 1 pretraining text, 2 SFT, 3 held-out problems, 4 training pairs in new wordings (evaluate), 5 preference
+    # pairs for rm / dpo, 6 held-out preference pairs.
     pretrain = arithmetic.make_problems(int(s.get("pretrain_problems", 20000)), seed * 10 + 1, difficulty)
     sft = arithmetic.make_problems(int(s.get("sft_problems", 5000)), seed * 10 + 2, difficulty)
     heldout = arithmetic.make_problems(int(s.get("eval_problems", 200)), seed * 10 + 3, difficulty, split="heldout")
+    preference = arithmetic.make_problems(int(s.get("preference_problems", 2000)), seed * 10 + 5, difficulty)
+    preference_heldout = arithmetic.make_problems(int(s.get("preference_eval_problems", 300)), seed * 10 + 6,
+                                                  difficulty, split="heldout")
     out = ctx.stage_dir
     paths = {
         "pretrain_text": out / "pretrain.jsonl",
         "sft_train": out / "sft_train.jsonl",
         "sft_eval": out / "sft_eval.jsonl",
         "preferences": out / "preferences.jsonl",
+        "preferences_eval": out / "preferences_eval.jsonl",
     }
     texts = arithmetic.as_pretraining_text(pretrain, seed=seed, per_document=int(s.get("problems_per_document", 6)))
     _write_jsonl(paths["pretrain_text"], [{"text": t} for t in texts])
     _write_jsonl(paths["sft_train"], arithmetic.as_chat_records(sft))
     _write_jsonl(paths["sft_eval"], arithmetic.as_chat_records(heldout))
-    _write_jsonl(paths["preferences"], arithmetic.as_preference_records(sft, seed=seed))
-    return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout)})
+    # The wrong answers of the two files come from different random streams too.
+    _write_jsonl(paths["preferences"], arithmetic.as_preference_records(preference, seed=seed))
+    _write_jsonl(paths["preferences_eval"], arithmetic.as_preference_records(preference_heldout, seed=seed + 1000))
+    return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout),
+                                             "preference_pairs": len(preference),
+                                             "heldout_preference_pairs": len(preference_heldout)})
 
 
 def stage_tokenizer(ctx: StageContext) -> StageResult:
@@ -129,8 +139,12 @@ def _train_stage(ctx: StageContext, stage: str, filled: dict[str, Any]) -> Stage
     cfg = config_from_dict(stage_module(stage).Config, section, source=f"quickstart recipe section {ctx.name!r}")
     result = run(stage, cfg)
     last = result.metrics[-1] if result.metrics else {}
-    evals = [row["eval/loss"] for row in result.metrics if "eval/loss" in row]
-    summary = {"steps": last.get("step"), "loss": last.get("loss"), "eval_loss": evals[-1] if evals else None}
+    summary: dict[str, Any] = {"steps": last.get("step"), "loss": last.get("loss")}
+    # The last held-out value of each eval metric: eval/loss for every stage, eval/accuracy (rm),
+    # eval/rewards/accuracies and eval/logps/* (dpo).
+    for row in result.metrics:
+        summary.update({key: value for key, value in row.items() if key.startswith("eval/")})
+    summary["eval_loss"] = summary.get("eval/loss")
     return StageResult(paths={"model_dir": result.final_model_dir}, summary=summary)
 
 
@@ -153,53 +167,134 @@ def stage_sft(ctx: StageContext) -> StageResult:
     })
 
 
-def stage_evaluate(ctx: StageContext) -> StageResult:
-    """Held-out task accuracy (greedy, through the chat template) and held-out loss of each listed model."""
-    import alignkit
-    from alignkit.data import load_records, pad_collate, tokenize_dataset
-    from alignkit.eval import evaluate_loss, verifiable_accuracy
+def _preference_data(ctx: StageContext) -> dict[str, Any]:
+    """The data section of the rm and dpo stages: the task's preference pairs and the held-out ones."""
+    return {"train": str(ctx.require("data", "preferences")), "eval": str(ctx.require("data", "preferences_eval")),
+            "format": "preference"}
 
+
+def stage_rm(ctx: StageContext) -> StageResult:
+    """A Bradley-Terry reward model from the SFT model (scalar head on its decoder), on the preference pairs."""
+    return _train_stage(ctx, "rm", {
+        "model": {"path": str(ctx.require("sft", "model_dir"))},
+        "data": _preference_data(ctx),
+        "train": {"seed": ctx.seed},
+    })
+
+
+def stage_dpo(ctx: StageContext) -> StageResult:
+    """DPO of the SFT model on the preference pairs, with the SFT model as the (precomputed) reference."""
+    return _train_stage(ctx, "dpo", {
+        "model": {"path": str(ctx.require("sft", "model_dir"))},
+        "data": _preference_data(ctx),
+        "reference": {"precompute": True},
+        "train": {"seed": ctx.seed},
+    })
+
+
+def stage_evaluate(ctx: StageContext) -> StageResult:
+    """Held-out task accuracy, preference accuracy and loss of each listed model; reward models' pair accuracy."""
     s = ctx.section
     difficulty = int((ctx.recipe.get("data") or {}).get("difficulty", 1))
     num = int((ctx.recipe.get("data") or {}).get("eval_problems", 200))
     heldout = arithmetic.make_problems(num, ctx.seed * 10 + 3, difficulty, split="heldout")
     # Training operand pairs in new wordings (a seed no training file used): what was learnt, not how it generalises.
     seen_pairs = arithmetic.make_problems(num, ctx.seed * 10 + 4, difficulty, split="train")
-    records = load_records(ctx.require("data", "sft_eval"))
-    max_new, batch_size = int(s.get("max_new_tokens", 24)), int(s.get("batch_size", 64))
-
-    rows, examples = [], []
-    for index, name in enumerate(s.get("models", ["pretrain", "sft"])):
-        model, tokenizer = alignkit.load(str(ctx.require(name, "model_dir")))
+    rows: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    for name in s.get("models", ["pretrain", "sft"]):
         started = time.perf_counter()
-        held = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size)
-        seen = verifiable_accuracy(model, tokenizer, seen_pairs, max_new_tokens=max_new, batch_size=batch_size)
-        # The same held-out problems as plain text, the form pretraining saw (no chat template).
-        text = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size,
-                                   prompt_format="text")
-        examples_ = tokenize_dataset(records, tokenizer, format="chat", max_length=256)
-        batches = [pad_collate(examples_[i : i + 64], pad_id=tokenizer.pad_token_id)
-                   for i in range(0, len(examples_), 64)]
-        loss = evaluate_loss(model, batches)
-        rows.append({
-            "step": index, "model": name,
-            "accuracy/heldout": held["accuracy"], "accuracy/train_pairs": seen["accuracy"],
-            "accuracy/heldout_plain_text": text["accuracy"],
-            "eval/loss": loss["loss"], "eval/perplexity": loss["perplexity"],
-            "num_problems": held["num"], "eval_s": time.perf_counter() - started,
-        })
-        examples += [{"model": name, **ex} for ex in held["examples"][:3]]
+        row, samples = _evaluate_causal_lm(ctx, ctx.require(name, "model_dir"), heldout, seen_pairs)
+        rows.append({"step": len(rows), "model": name, **row, "eval_s": time.perf_counter() - started})
+        examples += [{"model": name, **ex} for ex in samples[:3]]
+    for name in s.get("reward_models", []):
+        started = time.perf_counter()
+        row = _evaluate_reward_model(ctx, ctx.require(name, "model_dir"))
+        rows.append({"step": len(rows), "model": name, **row, "eval_s": time.perf_counter() - started})
     _write_jsonl(ctx.stage_dir / "metrics.jsonl", rows)
     _write_jsonl(ctx.stage_dir / "examples.jsonl", examples)
     return StageResult(summary={row["model"]: row for row in rows})
+
+
+def _evaluate_causal_lm(ctx: StageContext, model_dir: Path, heldout: list[arithmetic.Problem],
+                        seen_pairs: list[arithmetic.Problem]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One language model's evaluation row, and its sample generations on the held-out problems."""
+    import alignkit
+    from alignkit.data import load_records, pad_collate, tokenize_dataset, tokenize_preferences
+    from alignkit.eval import evaluate_loss, preference_accuracy, verifiable_accuracy
+
+    s = ctx.section
+    max_new, batch_size = int(s.get("max_new_tokens", 24)), int(s.get("batch_size", 64))
+    model, tokenizer = alignkit.load(str(model_dir))
+    assert tokenizer is not None
+    held = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size)
+    seen = verifiable_accuracy(model, tokenizer, seen_pairs, max_new_tokens=max_new, batch_size=batch_size)
+    # The same held-out problems as plain text, the form pretraining saw (no chat template).
+    text = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size,
+                               prompt_format="text")
+    examples = tokenize_dataset(load_records(ctx.require("data", "sft_eval")), tokenizer, format="chat", max_length=256)
+    loss = evaluate_loss(model, [pad_collate(examples[i : i + 64], pad_id=tokenizer.pad_token_id)
+                                 for i in range(0, len(examples), 64)])
+    # Held-out preference accuracy: the fraction of held-out pairs where the model itself gives the correct solution
+    # a higher summed log-prob than the wrong one. No reference model, so every language model (pretrained, SFT, DPO)
+    # is measured the same way; DPO's own eval/rewards/accuracies is the version relative to the SFT model.
+    path = ctx.require("data", "preferences_eval")
+    pairs, _ = tokenize_preferences(load_records(path), tokenizer, max_length=256, source=str(path))
+    preference = preference_accuracy(model, None, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    row = {
+        "accuracy/heldout": held["accuracy"], "accuracy/train_pairs": seen["accuracy"],
+        "accuracy/heldout_plain_text": text["accuracy"], "accuracy/preference_heldout": preference["accuracy"],
+        "preference/logp_margin": preference["margin_mean"],
+        "eval/loss": loss["loss"], "eval/perplexity": loss["perplexity"],
+        "num_problems": held["num"], "num_pairs": preference["num"],
+    }
+    return row, held["examples"]
+
+
+def _evaluate_reward_model(ctx: StageContext, model_dir: Path) -> dict[str, Any]:
+    """A reward model's held-out pair accuracy (reward of chosen > reward of rejected) and mean reward margin."""
+    import torch
+
+    from alignkit.data import load_records
+    from alignkit.eval import reward_accuracy
+    from alignkit.rewards.scoring import load_reward_model, score_conversations
+
+    batch_size = int(ctx.section.get("batch_size", 64))
+    model, tokenizer = load_reward_model(model_dir)
+    records = load_records(ctx.require("data", "preferences_eval"))
+    chosen = torch.tensor(score_conversations(model, tokenizer, [(r["prompt"], r["chosen"]) for r in records],
+                                              batch_size=batch_size))
+    rejected = torch.tensor(score_conversations(model, tokenizer, [(r["prompt"], r["rejected"]) for r in records],
+                                                batch_size=batch_size))
+    return {"accuracy/preference_heldout": reward_accuracy(chosen, rejected),
+            "preference/reward_margin": float((chosen - rejected).mean()), "num_pairs": len(records)}
 
 
 def stage_report(ctx: StageContext) -> StageResult:
     """Write report.md and the plots for the whole run directory."""
     from alignkit.report import build_report
 
-    path = build_report(ctx.run_dir, title="alignkit quickstart")
+    path = build_report(ctx.run_dir, title="alignkit quickstart", summary=_headline(ctx))
     return StageResult(paths={"report": path})
+
+
+def _headline(ctx: StageContext) -> list[str]:
+    """The report's first section: every evaluated model's held-out numbers side by side, and SFT vs DPO in words."""
+    evaluated = ctx.results.get("evaluate")
+    if evaluated is None:
+        return []
+    lines = ["## Summary", "", "| model | " + " | ".join(header for _, header in SUMMARY_COLUMNS) + " |",
+             "|---|" + "---:|" * len(SUMMARY_COLUMNS)]
+    for name, row in evaluated.summary.items():
+        cells = [f"{row[key]:.3f}" if row.get(key) is not None else "-" for key, _ in SUMMARY_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "held-out acc: greedy answers to held-out problems through the chat template; train-pair acc: "
+              "training operand pairs in new wordings; pref acc: held-out pairs (a correct solution and a wrong "
+              "one) where the model's summed log-prob of the correct one is higher, or for a reward model its reward.",
+              ""]
+    compared = comparison(evaluated.summary, *_compared_pair(ctx.recipe))
+    lines += [f"- {line}" for line in compared]
+    return [*lines, ""] if compared else lines
 
 
 STAGES: dict[str, Callable[[StageContext], StageResult]] = {
@@ -207,9 +302,42 @@ STAGES: dict[str, Callable[[StageContext], StageResult]] = {
     "tokenizer": stage_tokenizer,
     "pretrain": stage_pretrain,
     "sft": stage_sft,
+    "rm": stage_rm,
+    "dpo": stage_dpo,
     "evaluate": stage_evaluate,
     "report": stage_report,
 }
+
+# What each stage takes from earlier ones: {stage: {earlier stage: what for}}. `check_stage_order` reads it so that
+# a recipe listing stages in an impossible order fails before anything runs; `evaluate` also needs every model it
+# lists (`evaluate.models`, `evaluate.reward_models`).
+NEEDS: dict[str, dict[str, str]] = {
+    "tokenizer": {"data": "the pretraining text to train the tokenizer on"},
+    "pretrain": {"data": "the pretraining text", "tokenizer": "the tokenizer"},
+    "sft": {"data": "the chat records", "pretrain": "the pretrained model to fine-tune"},
+    "rm": {"data": "the preference pairs", "sft": "the SFT model the reward model starts from"},
+    "dpo": {"data": "the preference pairs", "sft": "the SFT model, which is both the starting policy and the reference"},
+    "evaluate": {"data": "the held-out problems and preference pairs"},
+}
+
+
+def check_stage_order(recipe: dict[str, Any], *, source: str = "recipe") -> None:
+    """A ConfigError naming the stage and what it lacks when a stage comes before (or without) one it needs."""
+    stages = list(recipe.get("stages", []))
+    for position, name in enumerate(stages):
+        needs = dict(NEEDS.get(name, {}))
+        if name == "evaluate":
+            section = recipe.get("evaluate") or {}
+            for model in [*section.get("models", ["pretrain", "sft"]), *section.get("reward_models", [])]:
+                needs.setdefault(str(model), "a model it evaluates (evaluate.models / evaluate.reward_models)")
+        for needed, why in needs.items():
+            if needed in stages[:position]:
+                continue
+            where = "comes after it" if needed in stages else "is not in the list"
+            raise ConfigError(
+                f"{source}: stage {name!r} needs stage {needed!r} ({why}), but {needed!r} {where}; put {needed!r} "
+                f"before {name!r} in `stages` (the full order is {', '.join(STAGES)})."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -287,11 +415,13 @@ def load_recipe(path: str | Path | None, *, fast: bool = False, overrides: list[
     unknown = [s for s in recipe.get("stages", []) if s not in STAGES]
     if unknown:
         raise ConfigError(f"{source}: unknown stage {unknown[0]!r} in `stages`; the stages are {', '.join(STAGES)}.")
+    check_stage_order(recipe, source=f"{source} with the command-line overrides" if overrides else source)
     return recipe
 
 
 def run_pipeline(recipe: dict[str, Any], run_dir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, StageResult]:
     """Run the recipe's stages in order in `run_dir`; return each stage's result."""
+    check_stage_order(recipe)
     run_dir = Path(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"output directory {run_dir} is not empty; choose a new --output (or delete that folder).")
@@ -314,15 +444,53 @@ def run_pipeline(recipe: dict[str, Any], run_dir: str | Path, *, log: Callable[[
     return ctx.results
 
 
-def summary_table(results: dict[str, StageResult]) -> str:
-    """The short table printed at the end: each evaluated model's accuracies and loss, then stage times."""
+# (row key, column header) of the summary table; a model without a value (a reward model has no task accuracy) gets "-".
+SUMMARY_COLUMNS = (
+    ("accuracy/heldout", "held-out acc"),
+    ("accuracy/train_pairs", "train-pair acc"),
+    ("accuracy/heldout_plain_text", "plain-text acc"),
+    ("accuracy/preference_heldout", "pref acc"),
+    ("eval/loss", "eval loss"),
+)
+# What `comparison` reports, as (row key, words).
+COMPARED = (
+    ("accuracy/heldout", "held-out task accuracy"),
+    ("accuracy/preference_heldout", "held-out preference accuracy"),
+    ("preference/logp_margin", "held-out log-prob margin, chosen - rejected"),
+)
+
+
+def comparison(rows: dict[str, dict[str, Any]], baseline: str, candidate: str) -> list[str]:
+    """One line per compared metric, "<metric>: <baseline> <value> -> <candidate> <value> (<difference>)"; empty
+    when either model was not evaluated."""
+    if baseline not in rows or candidate not in rows:
+        return []
+    lines = []
+    for key, words in COMPARED:
+        before, after = rows[baseline].get(key), rows[candidate].get(key)
+        if before is not None and after is not None:
+            lines.append(f"{words}: {baseline} {before:.3f} -> {candidate} {after:.3f} ({after - before:+.3f})")
+    return lines
+
+
+def _compared_pair(recipe: dict[str, Any]) -> tuple[str, str]:
+    pair = (recipe.get("evaluate") or {}).get("compare", ["sft", "dpo"])
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ConfigError(f"evaluate.compare is {pair!r}; it names two evaluated models, e.g. [sft, dpo].")
+    return str(pair[0]), str(pair[1])
+
+
+def summary_table(results: dict[str, StageResult], recipe: dict[str, Any] | None = None) -> str:
+    """The short table printed at the end: each evaluated model's accuracies and loss, the SFT vs DPO comparison,
+    then stage times."""
     lines = []
     evaluated = results.get("evaluate")
     if evaluated is not None:
-        lines.append(f"{'model':<10} {'held-out acc':>12} {'train-pair acc':>14} {'plain-text acc':>14} {'eval loss':>9}")
+        lines.append(f"{'model':<10}" + "".join(f" {header:>14}" for _, header in SUMMARY_COLUMNS))
         for name, row in evaluated.summary.items():
-            lines.append(f"{name:<10} {row['accuracy/heldout']:>12.3f} {row['accuracy/train_pairs']:>14.3f} "
-                         f"{row['accuracy/heldout_plain_text']:>14.3f} {row['eval/loss']:>9.3f}")
+            cells = [f"{row[key]:>14.3f}" if row.get(key) is not None else f"{'-':>14}" for key, _ in SUMMARY_COLUMNS]
+            lines.append(f"{name:<10} " + " ".join(cells))
+        lines += comparison(evaluated.summary, *_compared_pair(recipe or {}))
     total = sum(r.seconds for r in results.values())
     lines.append("time: " + ", ".join(f"{n} {r.seconds:.0f}s" for n, r in results.items()) + f"; total {total:.0f}s")
     return "\n".join(lines)
@@ -350,7 +518,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     run_dir = Path(args.output or f"runs/quickstart-{datetime.now():%Y%m%d-%H%M%S}")
     results = run_pipeline(recipe, run_dir)
     print()
-    print(summary_table(results))
+    print(summary_table(results, recipe))
     if "report" in results:
         print(f"report: {results['report'].paths['report']}")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_packaged_recipe_and_overrides() -> None:
     recipe = Q.load_recipe(None)
-    assert recipe["stages"] == ["data", "tokenizer", "pretrain", "sft", "evaluate", "report"]
+    assert recipe["stages"] == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate", "report"]
+    assert recipe["evaluate"]["models"] == ["pretrain", "sft", "dpo"] and recipe["evaluate"]["reward_models"] == ["rm"]
     assert all(stage in Q.STAGES for stage in recipe["stages"])
     fast = Q.load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
     assert fast["pretrain"]["train"]["max_steps"] == 7  # command line wins over --fast
@@ -44,8 +47,54 @@ def test_recipe_errors() -> None:
 def test_missing_earlier_stage_is_named(tmp_path: Path) -> None:
     recipe = Q.load_recipe(None, fast=True)
     recipe["stages"] = ["tokenizer"]
-    with pytest.raises(ConfigError, match="needs the pretrain_text of stage 'data'"):
-        Q.run_pipeline(recipe, tmp_path, log=lambda _: None)
+    with pytest.raises(ConfigError, match="stage 'tokenizer' needs stage 'data' .*, but 'data' is not in the list"):
+        Q.run_pipeline(recipe, tmp_path / "run", log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize(("stages", "message"), [
+    # dpo without sft: its policy and reference are the SFT model.
+    ("[data, tokenizer, pretrain, dpo, evaluate]", re.escape("stage 'dpo' needs stage 'sft' (the SFT model, which is "
+                                                             "both the starting policy and the reference), but 'sft' "
+                                                             "is not in the list; put 'sft' before 'dpo'")),
+    ("[data, tokenizer, pretrain, rm, sft]", "stage 'rm' needs stage 'sft' .*, but 'sft' comes after it; put 'sft' "
+                                             "before 'rm'"),
+    # evaluate lists dpo (the packaged evaluate.models) and rm, which did not run.
+    ("[data, tokenizer, pretrain, sft, evaluate]", "stage 'evaluate' needs stage 'dpo' .*evaluate.models"),
+])
+def test_stage_order_errors_name_both_stages(tmp_path: Path, stages: str, message: str) -> None:
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(f"base: packaged:quickstart.yaml\nstages: {stages}\n")
+    with pytest.raises(ConfigError, match=message):
+        Q.load_recipe(recipe_path)
+    # Without dpo / rm in evaluate's lists, the SFT-only pipeline is valid.
+    ok = Q.load_recipe(None, overrides=["stages=[data, tokenizer, pretrain, sft, evaluate, report]",
+                                        "evaluate.models=[pretrain, sft]", "evaluate.reward_models=[]"])
+    assert ok["stages"][-2:] == ["evaluate", "report"]
+
+
+def test_summary_table_compares_sft_and_dpo() -> None:
+    rows = {
+        "sft": {"accuracy/heldout": 0.82, "accuracy/train_pairs": 0.977, "accuracy/heldout_plain_text": 0.447,
+                "accuracy/preference_heldout": 0.953, "preference/logp_margin": 14.0, "eval/loss": 0.07},
+        "dpo": {"accuracy/heldout": 0.8, "accuracy/train_pairs": 0.97, "accuracy/heldout_plain_text": 0.4,
+                "accuracy/preference_heldout": 0.99, "preference/logp_margin": 15.5, "eval/loss": 0.08},
+        "rm": {"accuracy/preference_heldout": 0.625},
+    }
+    results = {"evaluate": Q.StageResult(summary=rows, seconds=12.0), "dpo": Q.StageResult(seconds=40.4)}
+    lines = Q.summary_table(results, Q.load_recipe(None)).splitlines()
+    assert lines[0].split() == ["model", "held-out", "acc", "train-pair", "acc", "plain-text", "acc", "pref", "acc",
+                                "eval", "loss"]
+    assert lines[2].split() == ["dpo", "0.800", "0.970", "0.400", "0.990", "0.080"]
+    assert lines[3].split() == ["rm", "-", "-", "-", "0.625", "-"]
+    assert lines[4] == "held-out task accuracy: sft 0.820 -> dpo 0.800 (-0.020)"
+    assert lines[5] == "held-out preference accuracy: sft 0.953 -> dpo 0.990 (+0.037)"
+    assert lines[6] == "held-out log-prob margin, chosen - rejected: sft 14.000 -> dpo 15.500 (+1.500)"
+    assert lines[7] == "time: evaluate 12s, dpo 40s; total 52s"
+    # Without a dpo row there is nothing to compare; a malformed evaluate.compare names the key.
+    assert Q.comparison(rows, "sft", "ppo") == []
+    with pytest.raises(ConfigError, match="evaluate.compare"):
+        Q.summary_table(results, {"evaluate": {"compare": "dpo"}})
 
 
 def test_unknown_stage(tmp_path: Path) -> None:
@@ -59,24 +108,64 @@ def test_unknown_stage(tmp_path: Path) -> None:
 def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(out)]) == 0
-    for stage in ("data", "tokenizer", "pretrain", "sft", "evaluate"):
+    recipe = Q.load_recipe(None, fast=True)
+    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate"):
         assert (out / stage).is_dir()
-    assert (out / "pretrain" / "final" / "model.safetensors").is_file()
-    assert (out / "sft" / "final" / "model.safetensors").is_file()
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        assert (out / stage / "final" / "model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+    # The reward model is exported as a score model; DPO cached its SFT-reference log-probs.
+    assert json.loads((out / "rm" / "final" / "config.json").read_text())["architectures"] == [
+        "LlamaForSequenceClassification"]
+    assert (out / "dpo" / "reference_logps.safetensors").is_file()
+
+    def jsonl(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    # Training pairs from training operand pairs, held-out pairs from held-out ones, each a correct and a wrong answer.
+    train_pairs, heldout_pairs = jsonl(out / "data" / "preferences.jsonl"), jsonl(out / "data" / "preferences_eval.jsonl")
+    assert len(train_pairs) == recipe["data"]["preference_problems"]
+    assert len(heldout_pairs) == recipe["data"]["preference_eval_problems"]
+    for pair in train_pairs + heldout_pairs:
+        assert pair["chosen"] != pair["rejected"] and "The answer is" in pair["rejected"]
+
+    def pair_of(solution: str) -> str:
+        return solution.split(" =")[0]
+    assert not {pair_of(p["chosen"]) for p in train_pairs} & {pair_of(p["chosen"]) for p in heldout_pairs}
+
+    # rm and dpo ran their steps and evaluated on every held-out pair, with finite numbers.
+    rm_rows, dpo_rows = jsonl(out / "rm" / "metrics.jsonl"), jsonl(out / "dpo" / "metrics.jsonl")
+    assert rm_rows[-1]["step"] == recipe["rm"]["train"]["max_steps"] == 2
+    assert dpo_rows[-1]["step"] == recipe["dpo"]["train"]["max_steps"] == 2
+    assert 0.0 <= rm_rows[-1]["eval/accuracy"] <= 1.0 and math.isfinite(rm_rows[-1]["eval/loss"])
+    for key in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen", "eval/logps/rejected_delta"):
+        assert math.isfinite(dpo_rows[-1][key])
+    assert dpo_rows[-1]["eval/logps/chosen"] < 0
+
     report = (out / "report.md").read_text()
     assert "| pretrain | 3 |" in report and "| sft | 3 |" in report
-    rows = [json.loads(line) for line in (out / "evaluate" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["model"] for r in rows] == ["pretrain", "sft"]
-    recipe = Q.load_recipe(None, fast=True)
-    for row in rows:
+    assert "| rm | 2 |" in report and "| dpo | 2 |" in report
+    assert "rm: eval/accuracy; dpo: eval/rewards/accuracies" in report
+    rows = jsonl(out / "evaluate" / "metrics.jsonl")
+    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rm"]
+    for row in rows[:3]:
         assert 0.0 <= row["accuracy/heldout"] <= 1.0
         assert row["num_problems"] == recipe["data"]["eval_problems"]
         assert row["eval/loss"] > 0
+        assert 0.0 <= row["accuracy/preference_heldout"] <= 1.0 and math.isfinite(row["preference/logp_margin"])
+        assert row["num_pairs"] == recipe["data"]["preference_eval_problems"]
+    # The reward model's held-out accuracy in evaluate is the one its own final eval measured on the same pairs.
+    assert rows[3]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
+    assert "accuracy/heldout" not in rows[3]
+    # The report's summary table has a row per evaluated model and states SFT vs DPO.
+    assert "## Summary" in report and "| rm | - | - | - |" in report
+    assert f"- held-out preference accuracy: sft {rows[1]['accuracy/preference_heldout']:.3f} -> dpo " in report
     # The held-out file never shares an operand pair with the SFT training file.
     def pairs(path: Path) -> set[str]:
         return {json.loads(line)["messages"][1]["content"].split(" =")[0] for line in path.read_text().splitlines()}
     assert not pairs(out / "data" / "sft_train.jsonl") & pairs(out / "data" / "sft_eval.jsonl")
     printed = capsys.readouterr().out
-    assert "held-out acc" in printed and f"report: {out / 'report.md'}" in printed
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "held-out acc" in printed and "pref acc" in printed and f"report: {out / 'report.md'}" in printed
+    assert "held-out task accuracy: sft " in printed
+    for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignkit.errors import DataError
 
-# Keys read as "the accuracy" of a row, first match wins: task accuracy, then reward-model / DPO accuracies.
-ACCURACY_KEYS = ("accuracy/heldout", "accuracy", "eval/accuracy", "eval/rewards/accuracies", "rewards/accuracies")
+# Keys read as "the accuracy" of a stage, first key found wins: task accuracy, then the held-out reward-model / DPO
+# accuracies, then the training-batch ones (a stage that evaluates logs both in its last row).
+ACCURACY_KEYS = ("accuracy/heldout", "eval/accuracy", "eval/rewards/accuracies", "accuracy", "rewards/accuracies")
+# Evaluation rows (one per model) are drawn as grouped bars, one bar per key present: (key, legend label).
+EVALUATION_BARS = (("accuracy/heldout", "held-out task accuracy"),
+                   ("accuracy/preference_heldout", "held-out preference accuracy"))
 LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected")
 # DPO's likelihood diagnostics: policy minus reference log-prob (near 0, so on their own axes).
 DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_delta", "eval/logps/rejected_delta")
@@ -64,11 +69,15 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
 
 
 def _accuracy(row: dict[str, Any]) -> float | None:
+    return _accuracy_with_key(row)[0]
+
+
+def _accuracy_with_key(row: dict[str, Any]) -> tuple[float | None, str | None]:
     for key in ACCURACY_KEYS:
         value = _num(row.get(key))
         if value is not None:
-            return value
-    return None
+            return value, key
+    return None, None
 
 
 @dataclass
@@ -82,6 +91,8 @@ class StageSummary:
     best_loss: float | None = None
     eval_loss: float | None = None
     accuracy: float | None = None
+    # Which metric `accuracy` is (an rm stage's eval/accuracy and a dpo stage's rewards/accuracies are not task accuracy).
+    accuracy_key: str | None = None
     wall_time_s: float | None = None
     tokens_per_s: float | None = None
     # Rows with a "model" key: evaluation results, one per evaluated model.
@@ -101,11 +112,15 @@ def summarize_stage(name: str, rows: list[dict[str, Any]]) -> StageSummary:
     steps = [int(row["step"]) for row in curve if _num(row.get("step")) is not None]
     if steps:
         summary.steps = max(steps)
-    accuracies = [a for a in (_accuracy(row) for row in curve) if a is not None]
-    if accuracies:
-        summary.accuracy = accuracies[-1]
-    elif summary.evaluations:
-        summary.accuracy = _accuracy(summary.evaluations[-1])
+    for key in ACCURACY_KEYS:  # the last value of the first key any row has
+        _, values = _series(curve, key)
+        if values:
+            summary.accuracy, summary.accuracy_key = values[-1], key
+            break
+    if summary.accuracy is None and summary.evaluations:
+        summary.accuracy, summary.accuracy_key = _accuracy_with_key(summary.evaluations[-1])
+        if summary.accuracy is not None:
+            summary.accuracy_key = f"{summary.accuracy_key} of {summary.evaluations[-1]['model']}"
     _, elapsed = _series(curve, "elapsed_s")
     if elapsed:
         summary.wall_time_s = elapsed[-1]
@@ -146,6 +161,9 @@ def _stage_table(summaries: list[StageSummary]) -> list[str]:
             f"{_fmt(s.best_loss)} | {_fmt(s.eval_loss)} | {_fmt(s.accuracy, '.3f')} | {_duration(s.wall_time_s)} | "
             f"{_fmt(s.tokens_per_s, ',.0f')} |"
         )
+    keyed = [f"{s.name}: {s.accuracy_key}" for s in summaries if s.accuracy_key is not None]
+    if keyed:
+        lines += ["", "Accuracy column: " + "; ".join(keyed) + "."]
     return lines
 
 
@@ -183,10 +201,13 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
     written = []
     curves = {name: rows for name, rows in stages.items() if _series(rows, "loss")[1]}
     if curves:
-        fig = Figure(figsize=(5 * len(curves), 3.6), layout="constrained")
+        # At most three panels per row, so a pipeline with pretrain, sft, rm and dpo stays readable.
+        columns = min(3, len(curves))
+        grid_rows = math.ceil(len(curves) / columns)
+        fig = Figure(figsize=(5 * columns, 3.6 * grid_rows), layout="constrained")
         FigureCanvasAgg(fig)
         for i, (name, rows) in enumerate(curves.items()):
-            ax = fig.add_subplot(1, len(curves), i + 1)
+            ax = fig.add_subplot(grid_rows, columns, i + 1)
             ax.plot(*_series(rows, "loss"), label="train loss", linewidth=1.2)
             eval_steps, eval_values = _series(rows, "eval/loss")
             if eval_values:
@@ -199,26 +220,7 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
         fig.savefig(run_dir / "loss.png", dpi=100)
         written.append("loss.png")
 
-    bars: list[tuple[str, float]] = []
-    for s in summaries:
-        if s.evaluations:
-            bars += [(str(row["model"]), a) for row in s.evaluations if (a := _accuracy(row)) is not None]
-        elif s.accuracy is not None:
-            bars.append((s.name, s.accuracy))
-    if bars:
-        fig = Figure(figsize=(max(4.0, 1.3 * len(bars)), 3.6), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        positions = range(len(bars))
-        ax.bar(positions, [v for _, v in bars], color="tab:green")
-        ax.set_xticks(list(positions), [n for n, _ in bars])
-        for x, (_, v) in zip(positions, bars):
-            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_title("final accuracy")
-        fig.savefig(run_dir / "accuracy.png", dpi=100)
-        written.append("accuracy.png")
+    written += _accuracy_plot(run_dir, summaries)
 
     # DPO-family stages log the policy's log-probs of chosen and rejected responses (and their change relative to
     # the reference); plot whichever are present.
@@ -226,6 +228,49 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
                                  (DELTA_KEYS, "logps_delta.png", "log-prob - reference")):
         written += _logps_plot(run_dir, stages, keys, filename, what)
     return written
+
+
+def _accuracy_plot(run_dir: Path, summaries: list[StageSummary]) -> list[str]:
+    """`accuracy.png`: grouped bars per evaluated model (task and preference accuracy) when a stage evaluated
+    models; otherwise one bar per stage with an accuracy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    evaluations = [row for s in summaries for row in s.evaluations]
+    groups: list[str] = []
+    series: list[tuple[str, list[float | None]]] = []
+    if evaluations:
+        groups = [str(row["model"]) for row in evaluations]
+        for key, label in EVALUATION_BARS:
+            values = [_num(row.get(key)) for row in evaluations]
+            if any(v is not None for v in values):
+                series.append((label, values))
+        if not series:  # rows with other accuracy keys: the first one found per row
+            series.append(("accuracy", [_accuracy(row) for row in evaluations]))
+    else:
+        groups = [s.name for s in summaries if s.accuracy is not None]
+        series.append(("accuracy", [s.accuracy for s in summaries if s.accuracy is not None]))
+    if not groups or all(v is None for _, values in series for v in values):
+        return []
+    fig = Figure(figsize=(max(4.0, 0.6 + len(groups) * (0.5 + 0.6 * len(series))), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(series)
+    colors = ("tab:green", "tab:blue", "tab:orange")
+    for j, (label, values) in enumerate(series):
+        present = [(x, v) for x, v in enumerate(values) if v is not None]
+        positions = [x - 0.4 + width * (j + 0.5) for x, _ in present]
+        ax.bar(positions, [v for _, v in present], width=width, color=colors[j % len(colors)], label=label)
+        for position, (_, v) in zip(positions, present):
+            ax.text(position, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(range(len(groups))), groups)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("accuracy")
+    ax.set_title("final accuracy")
+    if len(series) > 1:
+        ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(run_dir / "accuracy.png", dpi=100)
+    return ["accuracy.png"]
 
 
 def _logps_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tuple[str, ...], filename: str,
@@ -253,10 +298,12 @@ def _logps_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tu
     return written
 
 
-def build_report(run_dir: str | Path, *, stages: list[str] | None = None, title: str | None = None) -> Path:
+def build_report(run_dir: str | Path, *, stages: list[str] | None = None, title: str | None = None,
+                 summary: Sequence[str] = ()) -> Path:
     """Write `run_dir/report.md` (and `loss.png`, `accuracy.png`, `logps.png` when there is data) and return its path.
 
     `stages` picks and orders the stage folders; by default the order of `pipeline.json`, else alphabetical.
+    `summary`: markdown lines placed before the stage table (a pipeline's headline numbers).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -270,7 +317,10 @@ def build_report(run_dir: str | Path, *, stages: list[str] | None = None, title:
         rows_by_stage[name] = read_metrics(path)
     summaries = [summarize_stage(name, rows) for name, rows in rows_by_stage.items()]
 
-    lines = [f"# {title or 'Run report'}", "", f"Run directory: `{run_dir}`", "", "## Stages", ""]
+    lines = [f"# {title or 'Run report'}", "", f"Run directory: `{run_dir}`", "", *summary]
+    if summary and summary[-1]:
+        lines.append("")
+    lines += ["## Stages", ""]
     lines += _stage_table(summaries) if summaries else ["No stage wrote a metrics.jsonl yet."]
     lines.append("")
     for s in summaries:

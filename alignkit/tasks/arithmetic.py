@@ -3,8 +3,8 @@
 "Tom has 12 apples and buys 7 more. How many apples does Tom have now?"  ->  "12 + 7 = 19. The answer is 19."
 
 Everything the quickstart pipeline needs comes from here, with no download: a raw-text corpus for pretraining,
-chat records for SFT, preference pairs (a correct and a wrong answer) for reward models and DPO, and held-out
-problems whose answers `is_correct` checks exactly.
+chat records for SFT, preference pairs (a correct answer and a plausible wrong one) for reward models and DPO,
+and held-out problems whose answers `is_correct` checks exactly.
 
 Train and held-out problems never share an operand pair: `split_of(operation, a, b)` assigns every pair to one
 split by a fixed hash, whatever the seed, so a model can only score on held-out problems by computing the answer.
@@ -179,16 +179,33 @@ def is_correct(completion: str, reference: str | int) -> bool:
     return answer is not None and answer == str(int(reference))
 
 
-def wrong_answer(problem: Problem, rng: random.Random) -> str:
-    """A plausible wrong solution: off by one, or the right numbers with the wrong operation."""
+# Share of rejected answers that are near misses (the rest use the wrong operation); see `wrong_answer`.
+NEAR_MISS_SHARE = 0.75
+
+
+def near_misses(problem: Problem) -> list[int]:
+    """Wrong answers one step away in the table: the answers of neighbouring operand pairs.
+
+    For + and -: the answer +-1 and +-2 ((a+1) + b, (a+1) + (b+1), ...). For x: the answer +-a and +-b
+    (a x (b+1), (a-1) x b, ...). These are the mistakes a small model makes on operand pairs it has not seen: it
+    answers with a neighbouring pair it has memorised (18 + 15 = 35, 8 x 3 = 27), not with a random number.
+    """
     a, b = problem.operands
-    choices: list[tuple[str, int]] = [(problem.operation, problem.answer + 1), (problem.operation, problem.answer - 1)]
-    for op in OPERATIONS:
-        if op != problem.operation and compute(op, a, b) != problem.answer:
-            choices.append((op, compute(op, a, b)))
-    op, value = rng.choice(choices)
-    # The wrong operation is shown honestly ("12 - 7 = 5"); an off-by-one keeps the operation and breaks the sum.
-    return format_solution(op, a, b, value)
+    steps = (a, -a, b, -b) if problem.operation == "x" else (1, -1, 2, -2)
+    return sorted({problem.answer + step for step in steps if problem.answer + step >= 0} - {problem.answer})
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> tuple[str, str]:
+    """A plausible wrong solution and its kind: ("near_miss", see `near_misses`) three times in four, else
+    ("wrong_operation", the right numbers with another operation, shown honestly: "12 - 7 = 5")."""
+    a, b = problem.operands
+    wrong_ops = [op for op in OPERATIONS
+                 if op != problem.operation and compute(op, a, b) != problem.answer and compute(op, a, b) >= 0]
+    if rng.random() < NEAR_MISS_SHARE or not wrong_ops:
+        # A near miss keeps the worked line's operands and operation and breaks only the result.
+        return format_solution(problem.operation, a, b, rng.choice(near_misses(problem))), "near_miss"
+    op = rng.choice(wrong_ops)
+    return format_solution(op, a, b, compute(op, a, b)), "wrong_operation"
 
 
 def as_pretraining_text(
@@ -219,8 +236,11 @@ def as_chat_records(problems: list[Problem]) -> list[dict[str, Any]]:
 
 
 def as_preference_records(problems: list[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
-    """`{"prompt": [user message], "chosen": correct solution, "rejected": a wrong one}` for RM / DPO stages."""
+    """`{"prompt": [user message], "chosen": correct solution, "rejected": a wrong one, "mistake": its kind}` for the
+    reward-model and DPO stages (`mistake` is "near_miss" or "wrong_operation", see `wrong_answer`)."""
     rng = random.Random(f"arithmetic-pref:{seed}")
-    return [
-        {"prompt": p.prompt_messages(), "chosen": p.solution, "rejected": wrong_answer(p, rng)} for p in problems
-    ]
+    records = []
+    for p in problems:
+        rejected, mistake = wrong_answer(p, rng)
+        records.append({"prompt": p.prompt_messages(), "chosen": p.solution, "rejected": rejected, "mistake": mistake})
+    return records

@@ -110,3 +110,35 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         build_report(run, stages=["pretrain"])
     with pytest.raises(DataError, match="does not exist"):
         build_report(tmp_path / "nope")
+
+
+def test_preference_stages_summary_and_grouped_bars(tmp_path: Path) -> None:
+    """An rm stage shows its held-out eval/accuracy (not the last training batch's), the line under the table says
+    which metric each stage's accuracy is, `summary` lines come first, and evaluation rows with task and preference
+    accuracy become grouped bars."""
+    import matplotlib.image
+
+    run = _fake_run(tmp_path)
+    _write(run / "rm", [
+        {"step": 5, "loss": 0.69, "accuracy": 0.5},
+        {"step": 10, "loss": 0.6, "accuracy": 0.75, "eval/accuracy": 0.625, "eval/loss": 0.65},
+        {"step": 15, "loss": 0.55, "accuracy": 0.875},  # logged after the last eval: still the eval number
+    ])
+    (run / "evaluate" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "model": "sft", "accuracy/heldout": 0.75, "accuracy/preference_heldout": 0.875},
+        {"step": 1, "model": "dpo", "accuracy/heldout": 0.5, "accuracy/preference_heldout": 1.0},
+        {"step": 2, "model": "rm", "accuracy/preference_heldout": 0.625},
+    ]))
+    (run / "pipeline.json").write_text(json.dumps({"stages": ["pretrain", "sft", "rm", "dpo", "evaluate"]}))
+    text = build_report(run, summary=["## Summary", "", "- sft vs dpo"]).read_text()
+    assert text.index("## Summary") < text.index("- sft vs dpo") < text.index("## Stages")
+    assert "| rm | 15 | 0.6900 | 0.5500 | 0.5500 | 0.6500 | 0.625 |" in text
+    assert "Accuracy column: rm: eval/accuracy; dpo: rewards/accuracies." in text
+    # The evaluation table leaves a reward model's task accuracy empty.
+    assert "| rm | - | 0.6250 |" in text
+    # Four stages with a loss curve: two rows of at most three panels.
+    height, width, _ = matplotlib.image.imread(run / "loss.png").shape
+    assert (width, height) == (1500, 720)
+    # Grouped bars, two per model: 0.6 + 3 models * (0.5 + 0.6 * 2 series) = 5.7 inches at 100 dpi.
+    height, width, _ = matplotlib.image.imread(run / "accuracy.png").shape
+    assert (width, height) == (570, 360)

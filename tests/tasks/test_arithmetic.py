@@ -106,14 +106,35 @@ def test_records() -> None:
         assert rec["chosen"] == p.solution
         assert A.is_correct(rec["chosen"], p.reference)
         assert not A.is_correct(rec["rejected"], p.reference)
-        # Off by one, or the same operands with another operation.
         wrong = int(A.extract_answer(rec["rejected"]) or "0")
         a, b = p.operands
-        assert abs(wrong - p.answer) == 1 or wrong in {a + b, a - b, a * b}
+        if rec["mistake"] == "near_miss":  # same worked line, a neighbouring pair's answer
+            assert rec["rejected"].startswith(f"{a} {p.operation} {b} = ")
+            steps = {a, b} if p.operation == "x" else {1, 2}
+            assert abs(wrong - p.answer) in steps
+        else:
+            assert rec["mistake"] == "wrong_operation"
+            op = rec["rejected"].split()[1]
+            assert op != p.operation and wrong == A.compute(op, a, b)
+    assert A.as_preference_records(problems, seed=0) == prefs  # seeded
+    assert A.as_preference_records(problems, seed=1) != prefs
     text = A.as_pretraining_text(problems, per_document=10)
     assert len(text) == 3
     joined = "\n".join(text)
     assert all(f"{p.question} {p.solution}" in joined for p in problems)
+
+
+def test_near_misses_and_mistake_mix() -> None:
+    plus = A.Problem("q", "18 + 15 = 33. The answer is 33.", 33, "+", (18, 15))
+    assert A.near_misses(plus) == [31, 32, 34, 35]  # 18 + 13 .. 18 + 17: what a model recalls for an unseen pair
+    times = A.Problem("q", "8 x 3 = 24. The answer is 24.", 24, "x", (8, 3))
+    assert A.near_misses(times) == [16, 21, 27, 32]  # 8 x 2, 7 x 3, 9 x 3, 8 x 4
+    minus = A.Problem("q", "3 - 2 = 1. The answer is 1.", 1, "-", (3, 2))
+    assert A.near_misses(minus) == [0, 2, 3]  # never negative
+    # Three in four rejected answers are near misses, the rest use the wrong operation.
+    records = A.as_preference_records(A.make_problems(2000, seed=5), seed=0)
+    share = sum(r["mistake"] == "near_miss" for r in records) / len(records)
+    assert abs(share - A.NEAR_MISS_SHARE) < 0.03
 
 
 def test_bad_arguments() -> None:
