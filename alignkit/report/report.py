@@ -95,6 +95,8 @@ class StageSummary:
     accuracy_key: str | None = None
     wall_time_s: float | None = None
     tokens_per_s: float | None = None
+    # Preference stages (rm, dpo) count pairs: their speed is pairs/s.
+    pairs_per_s: float | None = None
     # Rows with a "model" key: evaluation results, one per evaluated model.
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
@@ -127,6 +129,9 @@ def summarize_stage(name: str, rows: list[dict[str, Any]]) -> StageSummary:
     _, speeds = _series(curve, "tokens_per_s")
     if speeds:
         summary.tokens_per_s = sum(speeds) / len(speeds)
+    _, pair_speeds = _series(curve, "pairs_per_s")
+    if pair_speeds:
+        summary.pairs_per_s = sum(pair_speeds) / len(pair_speeds)
     return summary
 
 
@@ -150,16 +155,24 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _speed(s: StageSummary) -> str:
+    if s.tokens_per_s is not None:
+        return f"{s.tokens_per_s:,.0f} tokens/s"
+    if s.pairs_per_s is not None:
+        return f"{s.pairs_per_s:,.1f} pairs/s"
+    return "-"
+
+
 def _stage_table(summaries: list[StageSummary]) -> list[str]:
     lines = [
-        "| stage | steps | first loss | last loss | best loss | eval loss | accuracy | wall time | tokens/s |",
+        "| stage | steps | first loss | last loss | best loss | eval loss | accuracy | wall time | speed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         lines.append(
             f"| {s.name} | {'-' if s.steps is None else s.steps} | {_fmt(s.first_loss)} | {_fmt(s.last_loss)} | "
             f"{_fmt(s.best_loss)} | {_fmt(s.eval_loss)} | {_fmt(s.accuracy, '.3f')} | {_duration(s.wall_time_s)} | "
-            f"{_fmt(s.tokens_per_s, ',.0f')} |"
+            f"{_speed(s)} |"
         )
     keyed = [f"{s.name}: {s.accuracy_key}" for s in summaries if s.accuracy_key is not None]
     if keyed:

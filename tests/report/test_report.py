@@ -52,6 +52,10 @@ def test_summary_numbers() -> None:
     s = summarize_stage("pretrain", rows)
     assert (s.first_loss, s.last_loss, s.best_loss, s.eval_loss) == (5.0, 3.5, 3.25, 3.75)
     assert s.steps == 3 and s.wall_time_s == 3.5 and s.tokens_per_s == 2000.0  # mean of 1000 and 3000
+    # Preference stages log pairs/s instead.
+    pairs = summarize_stage("dpo", [{"step": 1, "loss": 0.69, "pairs_per_s": 1.5}, {"step": 2, "loss": 0.6,
+                                                                                    "pairs_per_s": 2.5}])
+    assert pairs.tokens_per_s is None and pairs.pairs_per_s == 2.0
 
 
 def test_report_contents_and_plots(tmp_path: Path) -> None:
@@ -63,7 +67,7 @@ def test_report_contents_and_plots(tmp_path: Path) -> None:
     table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
     assert [line.split("|")[1].strip() for line in table[:4]] == ["pretrain", "sft", "dpo", "evaluate"]
     # pretrain: 3 steps, first 5.0, last 3.5, best 3.25, eval 3.75, wall 3.5 s, mean tokens/s 2,000.
-    assert "| pretrain | 3 | 5.0000 | 3.5000 | 3.2500 | 3.7500 | - | 3.5 s | 2,000 |" in text
+    assert "| pretrain | 3 | 5.0000 | 3.5000 | 3.2500 | 3.7500 | - | 3.5 s | 2,000 tokens/s |" in text
     # sft: wall time over two minutes is shown in minutes (260 s = 4.3 min); eval loss is the last one.
     assert "| sft | 20 | 1.5000 | 0.5000 | 0.5000 | 0.6250 | - | 4.3 min | - |" in text
     # dpo: final accuracy from rewards/accuracies.
