@@ -61,6 +61,15 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def close_distributed() -> None:
+    """Leave the process group together: a barrier, then destroy it. A rank that exits while another is still
+    tearing down its gloo connections can abort the job at interpreter exit ("terminate called without an active
+    exception"); the barrier makes every rank finish its last collective first."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 

@@ -46,11 +46,14 @@ def add_train_command(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from alignkit.engine import close_distributed
     from alignkit.trainers import run
 
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     cfg = load_config(args.stage_config, args.config, overrides)
     result = run(args.stage, cfg)
+    # Only after success: after an error on one rank, a barrier would wait on ranks stuck in a collective.
+    close_distributed()
     last = next((row for row in reversed(result.metrics) if "eval/loss" in row), None)
     summary = f" (eval loss {last['eval/loss']:.4f})" if last else ""
     print(f"Run finished{summary}: model in {result.final_model_dir}, metrics in {result.run_dir / 'metrics.jsonl'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.engine import Engine, init_distributed
+from alignkit.engine import Engine, close_distributed, init_distributed
 from alignkit.trainers.configs import OptimSection, TrainSection
 from tests.engine.helpers import examples, lm_loss, step_batches, tiny_model
 
@@ -41,8 +41,7 @@ def main() -> None:
 
         batches.__class__.__iter__ = dying  # type: ignore[method-assign]
     engine.train(batches, lm_loss)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
