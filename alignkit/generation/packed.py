@@ -35,12 +35,11 @@ def _packed_forward(packed_weight: torch.Tensor, bias: torch.Tensor | None, x: t
 
 def _pack(linears: list[nn.Linear], batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """One packed weight for linears that share their input (outputs concatenated), its bias, the split sizes."""
-    weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
-    biases = [m.bias for m in linears]
+    weight = torch.cat([m.weight.detach() for m in linears])
     bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
-                          for b, m in zip(biases, linears)])
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears])
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
     return packed, bias, [m.out_features for m in linears]
 
