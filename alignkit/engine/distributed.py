@@ -88,9 +88,18 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; the identity on one process."""
+    """Sum over ranks, in place; the identity on one process.
+
+    Callers reduce small CPU tensors too (the step's token count, evaluation sums). NCCL only reduces CUDA
+    tensors, so under NCCL a CPU tensor is summed through a copy on this rank's GPU and written back.
+    """
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            staged = tensor.cuda()
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            tensor.copy_(staged)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

@@ -5,12 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from alignkit.engine import Engine, close_distributed, init_distributed
+from alignkit.engine import DistInfo, Engine, close_distributed, init_distributed
+from alignkit.engine import distributed as dist
 from alignkit.trainers.configs import OptimSection, TrainSection
 from tests.engine.helpers import examples, lm_loss, step_batches, tiny_model
+
+
+class OneRankGroup(DistInfo):
+    """A process group of one that still wraps the model (DistInfo.enabled is False for one process), so a single
+    GPU runs the same NCCL collectives and DDP / FSDP2 wrappers as a multi-GPU job."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def join_one_rank_group(device: str) -> DistInfo:
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    return OneRankGroup(device=dev)
 
 
 def main() -> None:
@@ -21,12 +40,16 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--kill-at", type=int, default=0, help="exit hard when asked for this (1-based) step")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--group", action="store_true",
+                        help="with one process, still join a process group and wrap the model (see OneRankGroup)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    info = join_one_rank_group(args.device) if args.group else init_distributed(args.device)
     cfg = TrainSection(batch_size=8, micro_batch_size=args.micro, save_every=args.save_every, report_to=[],
-                       resume=args.resume)
-    model = tiny_model(0 if not args.resume else 99)
+                       resume=args.resume, strategy=args.strategy, device=args.device)
+    model = tiny_model(0 if not args.resume else 99).to(info.device)
     engine = Engine(model, cfg, OptimSection(lr=1e-2, warmup_steps=2, weight_decay=0.1), run_dir=Path(args.run_dir),
                     total_steps=args.steps, dist_info=info, stream=open(os.devnull, "w"))  # noqa: SIM115
     batches = step_batches(examples(), cfg, info=info)
@@ -40,8 +63,13 @@ def main() -> None:
                 yield micro
 
         batches.__class__.__iter__ = dying  # type: ignore[method-assign]
-    engine.train(batches, lm_loss)
-    close_distributed()
+
+    def loss_on_device(model: torch.nn.Module, batch: Any, num_tokens: int) -> Any:
+        return lm_loss(model, batch.to(info.device), num_tokens)
+
+    engine.train(batches, loss_on_device)
+    if dist.is_initialized():
+        close_distributed()
 
 
 if __name__ == "__main__":
