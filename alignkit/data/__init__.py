@@ -3,10 +3,12 @@
 from alignkit.data.collate import (
     Batch,
     PreferenceBatch,
+    SharedPromptBatch,
     pack_examples,
     packed_collate,
     pad_collate,
     preference_collate,
+    shared_prompt_collate,
     shifted_labels,
 )
 from alignkit.data.formats import (
@@ -28,6 +30,7 @@ __all__ = [
     "PreferenceBatch",
     "PreferenceExample",
     "PreferencePair",
+    "SharedPromptBatch",
     "TokenizedExample",
     "VerifiablePrompt",
     "batch_iterator",
@@ -40,6 +43,7 @@ __all__ = [
     "parse_hh_transcript",
     "preference_collate",
     "preference_to_pair",
+    "shared_prompt_collate",
     "shifted_labels",
     "tokenize_dataset",
     "tokenize_preferences",

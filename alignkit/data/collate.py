@@ -92,33 +92,41 @@ def pad_collate(
     )
 
 
-def pack_examples(examples: Sequence[TokenizedExample], *, max_length: int) -> list[list[TokenizedExample]]:
-    """Best-fit decreasing bin packing into rows of at most max_length tokens.
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bin packing of items with these lengths into bins of `capacity`: lists of item indices.
 
-    Examples are taken longest first (ties by original order) and each goes into the open bin with the least
-    remaining space that still fits it, or a new bin. Deterministic for a given input order. Best-fit decreasing
-    uses at most 11/9 OPT + 1 bins, so rows stay close to full.
+    Items are taken longest first (ties by original order) and each goes into the open bin with the least
+    remaining space that still fits it, or a new bin. Deterministic. Best-fit decreasing uses at most
+    11/9 OPT + 1 bins, so bins stay close to full. Every length must be <= capacity.
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    bins: list[list[TokenizedExample]] = []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
     # (remaining space, bin index), kept sorted: bisect finds the tightest bin that fits in O(log bins).
     space: list[tuple[int, int]] = []
     for i in order:
-        length = len(examples[i].input_ids)
+        length = lengths[i]
+        assert length <= capacity, f"item {i} of length {length} exceeds the bin capacity {capacity}"
+        slot = bisect.bisect_left(space, (length, -1))
+        if slot == len(space):
+            bins.append([i])
+            bisect.insort(space, (capacity - length, len(bins) - 1))
+        else:
+            remaining, b = space.pop(slot)
+            bins[b].append(i)
+            bisect.insort(space, (remaining - length, b))
+    return bins
+
+
+def pack_examples(examples: Sequence[TokenizedExample], *, max_length: int) -> list[list[TokenizedExample]]:
+    """Best-fit decreasing bin packing into rows of at most max_length tokens (`best_fit_decreasing`)."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    for i, length in enumerate(lengths):
         if length > max_length:
             raise DataError(
                 f"example {i} has {length} tokens, more than the packing length {max_length}; "
                 "tokenize with the same max_length (truncation drops or cuts long records)."
             )
-        slot = bisect.bisect_left(space, (length, -1))
-        if slot == len(space):
-            bins.append([examples[i]])
-            bisect.insort(space, (max_length - length, len(bins) - 1))
-        else:
-            remaining, b = space.pop(slot)
-            bins[b].append(examples[i])
-            bisect.insort(space, (remaining - length, b))
-    return bins
+    return [[examples[i] for i in b] for b in best_fit_decreasing(lengths, max_length)]
 
 
 def packed_collate(bins: Sequence[Sequence[TokenizedExample]], *, max_length: int, pad_id: int) -> Batch:
@@ -186,4 +194,107 @@ def preference_collate(
     return PreferenceBatch(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
         num_pairs=len(examples), num_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
+
+
+@dataclass
+class SharedPromptBatch:
+    """Preference pairs packed padding-free, each pair's prompt computed once: rows [R, W].
+
+    A pair is laid out as prompt + chosen + rejected, one pair after another, in rows of at most `capacity`
+    tokens. The mask lets a chosen token see its prompt and the chosen tokens before it, a rejected token its
+    prompt and the rejected tokens before it, and nothing of other pairs; the rejected response's positions
+    restart where the chosen one's started. Every token therefore gets exactly the hidden state it would get
+    in its own prompt + response row (the math of `preference_collate`), while the prompt, which HH-RLHF
+    conversations are mostly made of, goes through the model once instead of twice, and no padding does.
+
+    Per-response outputs are gathered by flat index into the [R * W] positions:
+
+    - `chosen_last` / `rejected_last` [B]: the last token of each prompt + response (where a reward is read);
+    - `source_index` [N]: the positions whose logits predict the response tokens `target_ids` [N], chosen
+      responses first (pair by pair), then rejected, like the rows of `preference_collate`. The first token of
+      both responses is predicted from the prompt's last position, so that index occurs twice.
+    - `segment_ids` [N]: which sequence each target belongs to, 0..B-1 chosen, B..2B-1 rejected.
+    """
+
+    input_ids: torch.Tensor  # [R, W] long
+    position_ids: torch.Tensor  # [R, W] long
+    attention_mask: torch.Tensor  # [R, 1, W, W] bool, True = may attend
+    chosen_last: torch.Tensor  # [B] long, flat index
+    rejected_last: torch.Tensor  # [B] long
+    source_index: torch.Tensor  # [N] long, flat index
+    target_ids: torch.Tensor  # [N] long
+    segment_ids: torch.Tensor  # [N] long
+    num_pairs: int
+    num_tokens: int = 0  # N: response tokens of both halves
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return SharedPromptBatch(**moved)
+
+
+def shared_prompt_collate(
+    examples: Sequence[PreferenceExample], *, pad_id: int, capacity: int
+) -> SharedPromptBatch:
+    """Pack pairs into rows of at most `capacity` tokens (best-fit decreasing; a longer pair gets a row of its
+    own), rows as wide as the longest. See `SharedPromptBatch`; outputs keep the order of `examples`.
+    Padding tokens (at the end of a row) attend only to themselves.
+    """
+    assert examples, "shared_prompt_collate needs at least one example"
+    sizes = [len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
+    rows: list[list[int]] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(examples)  # (row, start) of each pair
+    for r, members in enumerate(best_fit_decreasing(sizes, max(capacity, *sizes))):
+        rows.append([])
+        for i in sorted(members):
+            ex = examples[i]
+            placed[i] = (r, len(rows[r]))
+            rows[r].extend(list(ex.prompt_ids) + list(ex.chosen_ids) + list(ex.rejected_ids))
+    width = max(len(r) for r in rows)
+    num_rows = len(rows)
+    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    # Per token: its pair (-1 = padding) and its part (0 prompt, 1 chosen, 2 rejected).
+    pair_of = torch.full((num_rows, width), -1, dtype=torch.long)
+    part_of = torch.zeros((num_rows, width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    chosen_last, rejected_last = [], []
+    sources: tuple[list[int], list[int]] = ([], [])
+    targets: tuple[list[int], list[int]] = ([], [])
+    segments: tuple[list[int], list[int]] = ([], [])
+    num_pairs = len(examples)
+    for i, (ex, (r, start)) in enumerate(zip(examples, placed)):
+        p, c, j = len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)
+        base = r * width + start
+        pair_of[r, start : start + p + c + j] = i
+        part_of[r, start + p : start + p + c] = 1
+        part_of[r, start + p + c : start + p + c + j] = 2
+        position_ids[r, start : start + p + c] = torch.arange(p + c)
+        position_ids[r, start + p + c : start + p + c + j] = torch.arange(p, p + j)
+        prompt_last = base + p - 1
+        chosen_last.append(base + p + c - 1 if c else prompt_last)
+        rejected_last.append(base + p + c + j - 1 if j else prompt_last)
+        # Token k of a response starting at offset s is predicted from s + k - 1, except k = 0 (the prompt's last).
+        for half, (offset, ids) in enumerate(((p, ex.chosen_ids), (p + c, ex.rejected_ids))):
+            sources[half].extend([prompt_last] + [base + offset + k - 1 for k in range(1, len(ids))] if ids else [])
+            targets[half].extend(ids)
+            segments[half].extend([i + half * num_pairs] * len(ids))
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]  # [W(query), W(key)]
+    same_pair = pair_of[:, :, None] == pair_of[:, None, :]
+    part_q, part_k = part_of[:, :, None], part_of[:, None, :]
+    visible = same_pair & causal & ((part_k == 0) | (part_k == part_q)) & (pair_of[:, :, None] >= 0)
+    visible |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no all-masked row (NaN)
+    return SharedPromptBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=visible[:, None],
+        chosen_last=torch.tensor(chosen_last, dtype=torch.long),
+        rejected_last=torch.tensor(rejected_last, dtype=torch.long),
+        source_index=torch.tensor(sources[0] + sources[1], dtype=torch.long),
+        target_ids=torch.tensor(targets[0] + targets[1], dtype=torch.long),
+        segment_ids=torch.tensor(segments[0] + segments[1], dtype=torch.long),
+        num_pairs=num_pairs, num_tokens=len(targets[0]) + len(targets[1]),
     )

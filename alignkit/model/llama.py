@@ -197,8 +197,19 @@ def build_attention_mask(
     Query i sits at absolute position past + i; it may see key j when j <= past + i, key j is not padding
     (`attention_mask`, length L), and both belong to the same document (`document_ids`, packed rows).
     Every query may always see itself, so a padding query never has an all-masked row (which gives NaN).
+    A 4-D boolean `attention_mask` [B, 1, T, L] is already the whole mask (e.g. pairs sharing their prompt,
+    `alignkit.data.shared_prompt_collate`) and is used as given.
     """
     total = past + seq
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, seq, total):
+            raise ValueError(
+                f"a 4-D attention_mask must be bool [batch, 1, new tokens, cached + new tokens] = "
+                f"{(batch, 1, seq, total)}; got {attention_mask.dtype} {tuple(attention_mask.shape)}."
+            )
+        if document_ids is not None:
+            raise ValueError("a 4-D attention_mask already holds the document structure; pass no document_ids.")
+        return attention_mask
     if attention_mask is None and document_ids is None:
         if past == 0 or seq == 1:
             return None  # causal within the new tokens, all of the cache visible
@@ -281,6 +292,8 @@ class LlamaModel(nn.Module):
                 f"{self.config.max_position_embeddings} (max_position_embeddings); shorten the input."
             )
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids (they cannot be inferred).")
             if document_ids is not None:
                 position_ids = positions_from_documents(document_ids)
             elif attention_mask is not None:
@@ -373,9 +386,11 @@ class LlamaForCausalLM(PreTrainedMixin, nn.Module):
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         logits_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits [B, T, V]; or [N, V] for the N positions where `logits_mask` [B, T] is True (row-major);
+        or [N, V] at the flat positions `logits_index` [N] into the B * T positions (repeats allowed);
         or [B, k, V] for the last k positions when `logits_to_keep` = k > 0.
 
         Computing logits only where a loss or a sample needs them saves the LM head's share of the FLOPs
@@ -387,6 +402,8 @@ class LlamaForCausalLM(PreTrainedMixin, nn.Module):
         )
         if logits_mask is not None:
             hidden = hidden[logits_mask]
+        elif logits_index is not None:
+            hidden = hidden.flatten(0, 1)[logits_index]
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)

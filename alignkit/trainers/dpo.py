@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alignkit.config import config_to_dict
+from alignkit.data import SharedPromptBatch
 from alignkit.engine import DistInfo, Engine, StepBatches, autocast
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError
@@ -67,6 +68,7 @@ from alignkit.trainers.preference_data import (
     collate_pairs,
     count_pairs,
     load_preference_data,
+    pack_capacity,
 )
 from alignkit.trainers.sft import set_chat_template
 
@@ -84,6 +86,13 @@ def sequence_logps(model: nn.Module, micro: PairMicroBatch) -> tuple[torch.Tenso
     sum(lengths[:B]) of them belong to the chosen responses.
     """
     batch = micro.batch
+    if isinstance(batch, SharedPromptBatch):
+        logits = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                       logits_index=batch.source_index)  # [N, V], chosen tokens first
+        token_logps = token_logprobs(logits, batch.target_ids)
+        rows = 2 * batch.num_pairs
+        return (sequence_logprobs(token_logps, batch.segment_ids, rows),
+                sequence_lengths(batch.segment_ids, rows), logits)
     targets = batch.labels != IGNORE_INDEX  # [2B, T], response tokens only (labels are already shifted)
     # Right padding: plain causal attention is exact for every real token and keeps SDPA's fused kernel.
     logits = model(batch.input_ids, position_ids=batch.position_ids, logits_mask=targets)  # [N, V]
@@ -361,7 +370,7 @@ def train(cfg: DPOConfig) -> RunResult:
                                 strict=cfg.dpo.strict)
 
     def collate(items: list[PairItem]) -> PairMicroBatch:
-        return collate_pairs(items, pad_id=tokenizer.pad_token_id)
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=pack_capacity(cfg.data))
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

@@ -15,7 +15,9 @@ from alignkit.trainers.configs import DataSection, LoRASection, ModelSection, Op
 
 def _preference_data() -> DataSection:
     # Preference pairs: cut the prompt's start when a pair is too long (the responses are what is compared).
-    return DataSection(format="preference", truncation="left", max_length=512)
+    # Packing: each pair's prompt is computed once and no padding is computed (exact: see
+    # alignkit.data.shared_prompt_collate); packing=false gives the plain padded [2B, T] batch.
+    return DataSection(format="preference", truncation="left", max_length=512, packing=True)
 
 
 def _check_data(data: DataSection) -> None:
@@ -26,8 +28,6 @@ def _check_data(data: DataSection) -> None:
         )
     if data.truncation == "split":
         raise ConfigError("data.truncation 'split' only applies to raw text; use left, right, drop or error for pairs.")
-    if data.packing:
-        raise ConfigError("data.packing is not supported for preference pairs; set data.packing=false.")
 
 
 @dataclass

@@ -17,8 +17,10 @@ import torch
 from alignkit.data import (
     PreferenceBatch,
     PreferenceExample,
+    SharedPromptBatch,
     preference_collate,
     preference_to_pair,
+    shared_prompt_collate,
     tokenize_preferences,
 )
 from alignkit.engine import DistInfo
@@ -41,9 +43,10 @@ class PairItem:
 
 @dataclass
 class PairMicroBatch:
-    """A micro-batch of pairs: the [2B, T] chosen-then-rejected batch and per-pair extras [B]."""
+    """A micro-batch of pairs: the tokens (a [2B, T] chosen-then-rejected batch, or pairs packed with a shared
+    prompt) and per-pair extras [B]."""
 
-    batch: PreferenceBatch
+    batch: PreferenceBatch | SharedPromptBatch
     margin: torch.Tensor | None  # [B] float, None when no pair has a margin
     reference_chosen: torch.Tensor | None  # [B] float, precomputed reference log-probs
     reference_rejected: torch.Tensor | None
@@ -65,8 +68,16 @@ def count_pairs(micro_batch: PairMicroBatch) -> int:
     return micro_batch.num_pairs
 
 
-def collate_pairs(items: Sequence[PairItem], *, pad_id: int, with_margin: bool = False) -> PairMicroBatch:
-    batch = preference_collate([item.example for item in items], pad_id=pad_id)
+def collate_pairs(items: Sequence[PairItem], *, pad_id: int, with_margin: bool = False,
+                  pack_capacity: int | None = None) -> PairMicroBatch:
+    """Pairs -> a micro-batch: padded [2B, T] rows, or with `pack_capacity` packed rows of at most that many
+    tokens where each pair's prompt is computed once (`shared_prompt_collate`, the `data.packing` layout)."""
+    examples = [item.example for item in items]
+    batch: PreferenceBatch | SharedPromptBatch
+    if pack_capacity is not None:
+        batch = shared_prompt_collate(examples, pad_id=pad_id, capacity=pack_capacity)
+    else:
+        batch = preference_collate(examples, pad_id=pad_id)
     margin = torch.tensor([item.margin for item in items], dtype=torch.float32) if with_margin else None
     reference_chosen = reference_rejected = None
     if items and items[0].reference_chosen is not None:
@@ -188,3 +199,10 @@ def load_preference_data(
             file=sys.stderr, flush=True,
         )
     return PreferenceData(train, held_out, has_margin, stats)
+
+
+def pack_capacity(data: DataSection) -> int | None:
+    """Row length of packed pairs (`data.packing`), None for padded batches. 2 * max_length holds any pair
+    (prompt + chosen and prompt + rejected are each at most max_length) and keeps attention's cost, which grows
+    with the square of the row length, near that of the padded batch."""
+    return 2 * data.max_length if data.packing else None

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
 from alignkit.config import config_to_dict
+from alignkit.data import SharedPromptBatch
 from alignkit.engine import DistInfo, Engine, StepBatches
 from alignkit.engine import distributed as dist
 from alignkit.losses import bradley_terry_loss
@@ -44,6 +45,7 @@ from alignkit.trainers.preference_data import (
     collate_pairs,
     count_pairs,
     load_preference_data,
+    pack_capacity,
 )
 from alignkit.trainers.sft import set_chat_template
 
@@ -104,8 +106,12 @@ def add_trainable(model: LlamaForScore, lora: LoRASection, train_last_layers: in
 
 
 def pair_rewards(model: nn.Module, micro: PairMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen rewards [B], rejected rewards [B]) from one forward over the [2B, T] batch."""
+    """(chosen rewards [B], rejected rewards [B]) in fp32 from one forward over the micro-batch."""
     batch = micro.batch
+    if isinstance(batch, SharedPromptBatch):
+        values = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        values = values.flatten().float()
+        return values[batch.chosen_last], values[batch.rejected_last]
     rewards = last_token_rewards(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
 
@@ -160,7 +166,8 @@ def train(cfg: RMConfig) -> RunResult:
                                 strict=cfg.rm.strict, margin_field=cfg.rm.margin_field)
 
     def collate(items: list[PairItem]) -> PairMicroBatch:
-        return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin)
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin,
+                             pack_capacity=pack_capacity(cfg.data))
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

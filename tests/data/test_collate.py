@@ -15,6 +15,7 @@ from alignkit.data import (
     packed_collate,
     pad_collate,
     preference_collate,
+    shared_prompt_collate,
     shifted_labels,
 )
 from alignkit.errors import DataError
@@ -144,3 +145,35 @@ def test_preference_collate() -> None:
     assert batch.labels.tolist() == [[-100, 3, 4, -100], [7, -100, -100, -100], [-100, 5, -100, -100], [8, 9, 10, -100]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch.num_tokens == 7
+
+
+def test_shared_prompt_collate_by_hand() -> None:
+    # Pair 0: prompt [1, 2], chosen [3, 4], rejected [5]; pair 1: prompt [6], chosen [7], rejected [8, 9, 10].
+    examples = [PreferenceExample([1, 2], [3, 4], [5]), PreferenceExample([6], [7], [8, 9, 10])]
+    batch = shared_prompt_collate(examples, pad_id=0, capacity=16)
+    assert batch.num_pairs == 2 and batch.num_tokens == 7
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    # The rejected response's positions restart where the chosen one's started.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2, 3]]
+    mask = batch.attention_mask[0, 0].int().tolist()
+    assert mask[4] == [1, 1, 0, 0, 1, 0, 0, 0, 0, 0]  # token 5 (rejected) sees its prompt, not the chosen 3, 4
+    assert mask[3] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]  # token 4 (chosen) sees the prompt and 3
+    assert mask[8] == [0, 0, 0, 0, 0, 1, 0, 1, 1, 0]  # token 9: pair 1's prompt and rejected only
+    assert batch.chosen_last.tolist() == [3, 6] and batch.rejected_last.tolist() == [4, 9]
+    # Targets: chosen responses first (3, 4 | 7), then rejected (5 | 8, 9, 10); each predicted from the position
+    # before it, the first token of both responses from the prompt's last position (1 for pair 0, 5 for pair 1).
+    assert batch.target_ids.tolist() == [3, 4, 7, 5, 8, 9, 10]
+    assert batch.source_index.tolist() == [1, 2, 5, 1, 5, 7, 8]
+    assert batch.segment_ids.tolist() == [0, 0, 1, 2, 3, 3, 3]
+
+    # A capacity below the two pairs' total: one row each (best-fit decreasing), padded to the longer row;
+    # flat indices count in rows of that width, outputs stay in pair order, padding sees only itself.
+    split = shared_prompt_collate(examples, pad_id=0, capacity=6)
+    assert split.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert split.chosen_last.tolist() == [3, 6] and split.rejected_last.tolist() == [4, 9]
+    assert split.source_index.tolist() == [1, 2, 5, 1, 5, 7, 8]
+    padded = shared_prompt_collate([PreferenceExample([1], [2], [3])] + examples[:1], pad_id=0, capacity=5)
+    assert padded.input_ids.tolist() == [[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]] or padded.input_ids.tolist() == [
+        [1, 2, 3, 4, 5], [1, 2, 3, 0, 0]]
+    row = 0 if padded.input_ids[0, 3] == 0 else 1
+    assert padded.attention_mask[row, 0, 3].int().tolist() == [0, 0, 0, 1, 0]

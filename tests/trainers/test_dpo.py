@@ -38,9 +38,10 @@ def tiny_policy(tmp_path: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def micro_batch(tokenizer: Any, records: list[dict]) -> Any:
+def micro_batch(tokenizer: Any, records: list[dict], pack_capacity: int | None = None) -> Any:
     examples, _ = tokenize_preferences(records, tokenizer, max_length=128)
-    return collate_pairs([PairItem(ex) for ex in examples], pad_id=tokenizer.pad_token_id), examples
+    items = [PairItem(ex) for ex in examples]
+    return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=pack_capacity), examples
 
 
 def naive_logps(model: Any, prompt: list[int], response: list[int]) -> float:
@@ -65,13 +66,21 @@ def dpo_config(tmp_path: Path, base: str, data_path: str, **sections: dict) -> D
     return config_from_dict(DPOConfig, spec)
 
 
-def test_concatenated_response_only_logps_equal_naive_per_sequence_forward(tmp_path: Path) -> None:
+# None: the padded [2B, T] batch; 1000: both pairs packed into one row with their prompts shared; 40: each pair
+# in a row of its own (the capacity is below one pair's size), padded to the longer row.
+@pytest.mark.parametrize("pack_capacity", [None, 1000, 40])
+def test_concatenated_response_only_logps_equal_naive_per_sequence_forward(
+    tmp_path: Path, pack_capacity: int | None
+) -> None:
     model, tokenizer = tiny_policy(tmp_path)
     model.double()  # fp64 on both sides: the comparison measures the method, not fp32 summation order
     # Different lengths on purpose: rows are right padded to the longest of the four.
     records = [{"prompt": "after apple?", "chosen": "banana", "rejected": "a much longer wrong answer"},
                {"prompt": "what comes after the grape in the list?", "chosen": "lemon", "rejected": "plum"}]
-    micro, examples = micro_batch(tokenizer, records)
+    micro, examples = micro_batch(tokenizer, records, pack_capacity)
+    if pack_capacity is not None:
+        rows = 1 if pack_capacity == 1000 else 2
+        assert micro.batch.input_ids.shape[0] == rows
     with torch.no_grad():
         logps, lengths, logits = dpo.sequence_logps(model, micro)
     expected = [naive_logps(model, ex.prompt_ids, ex.chosen_ids) for ex in examples]
@@ -123,6 +132,22 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_training_curve(tmp_p
     # The policy moved away from the reference (otherwise the comparison above would be trivial).
     assert abs(curves[True][-1]["rewards/margins"]) > 1e-3
     assert curves[True][0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1: ln 2
+
+
+def test_packed_pairs_with_shared_prompts_train_exactly_like_padded_pairs(tmp_path: Path) -> None:
+    """data.packing (the default) changes the layout, not the math: same losses and metrics as padded rows."""
+    base = tiny_base(tmp_path / "base")
+    data_path = write_jsonl(tmp_path / "pairs.jsonl", fruit_pairs(48))
+    curves = []
+    for packing in (True, False):
+        cfg = dpo_config(tmp_path / f"packing-{packing}", base, data_path, data={"packing": packing},
+                         dpo={"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]})
+        curves.append([r for r in run("dpo", cfg).metrics if "loss" in r])
+    packed, padded = curves
+    assert len(packed) == len(padded) == 6
+    for a, b in zip(packed, padded):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_precomputed_reference_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,6 +74,51 @@ def test_reward_model_learns_pairs_and_export_scores_match_alignkit_and_transfor
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+def test_packed_pairs_with_shared_prompts_give_the_rewards_and_gradients_of_padded_pairs(tmp_path: Path) -> None:
+    """data.packing (the default) computes each prompt once in a packed row: same rewards, same gradients."""
+    from alignkit.checkpoint import load_pretrained
+    from alignkit.data import tokenize_preferences
+    from alignkit.rewards.scoring import score_model_from_causal_lm
+    from alignkit.trainers.preference_data import PairItem, collate_pairs
+    from alignkit.trainers.rm import pair_rewards
+
+    lm, tokenizer = load_pretrained(tiny_base(tmp_path / "base"))
+    model = score_model_from_causal_lm(lm, head_init="normal").double()
+    records = [{"prompt": "after apple?", "chosen": "banana", "rejected": "a much longer wrong answer"},
+               {"prompt": "what comes after the grape in the list?", "chosen": "lemon", "rejected": "plum"},
+               {"prompt": "and after plum?", "chosen": "apple!", "rejected": "x"}]
+    examples, _ = tokenize_preferences(records, tokenizer, max_length=128)
+    items = [PairItem(ex) for ex in examples]
+    results = []
+    for capacity in (None, 1000, 60):
+        model.zero_grad()
+        chosen, rejected = pair_rewards(model, collate_pairs(items, pad_id=tokenizer.pad_token_id,
+                                                             pack_capacity=capacity))
+        (chosen - 2 * rejected).sum().backward()
+        results.append((chosen.detach(), rejected.detach(),
+                        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    padded = results[0]
+    for packed in results[1:]:
+        for a, b in zip(packed, padded):
+            # RMSNorm and the reward read-out run in fp32 (as in transformers), so fp32 rounding is the floor.
+            assert (a - b).abs().max() < 1e-6 * max(1.0, float(b.abs().max())), float((a - b).abs().max())
+
+
+def test_packed_and_padded_reward_model_runs_have_the_same_curve(tmp_path: Path) -> None:
+    base = tiny_base(tmp_path / "base")
+    data_path = write_jsonl(tmp_path / "p.jsonl", marked_pairs(80))
+    curves = []
+    for packing in (True, False):
+        cfg = rm_config(tmp_path / f"packing-{packing}", base, data_path, data={"packing": packing},
+                        train={"max_steps": 4, "eval_every": 2})
+        curves.append([r for r in run("rm", cfg).metrics if "loss" in r or "eval/loss" in r])
+    for a, b in zip(*curves):
+        for key in ("loss", "accuracy", "margin", "grad_norm", "eval/loss", "eval/accuracy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert len(curves[0]) == len(curves[1]) == 4 and "eval/loss" in curves[0][-1]
+
+
 def test_lora_reward_model_trains_adapters_and_score_head(tmp_path: Path) -> None:
     base = tiny_base(tmp_path / "base")
     cfg = rm_config(tmp_path, base, write_jsonl(tmp_path / "p.jsonl", fruit_pairs(64)),
