@@ -1,7 +1,9 @@
-"""Accuracy on problems with a checkable answer: greedy decoding through the chat template, then an exact check."""
+"""Accuracy on problems with a checkable answer: greedy or sampled decoding through the chat template, then an
+exact check."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,23 +39,31 @@ def verifiable_accuracy(
     is_correct: Callable[[str, str], bool] | None = None,
     num_examples: int = 5,
     prompt_format: str = "chat",
+    temperature: float = 0.0,
+    samples_per_problem: int = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Greedy-decode an answer to every problem and check it with `is_correct(completion, reference)`.
+    """Decode an answer to every problem (greedy, or `samples_per_problem` samples at `temperature` > 0 from a
+    generator seeded with `seed`) and check each with `is_correct(completion, reference)`.
 
     Each prompt is the problem's messages rendered with the tokenizer's chat template and the assistant
     generation prompt; decoding stops at the tokenizer's stop tokens (end of turn / EOS). `is_correct` defaults to
     the arithmetic task's check ("The answer is N"). `prompt_format="text"` instead feeds the bare question as
     plain text and stops at the end of the line, which is how a pretrained model saw such problems (no chat
     template). Returns {"accuracy", "num", "num_correct", "examples"} where
-    `examples` holds the first `num_examples` as {"prompt", "completion", "reference", "correct"}.
+    `examples` holds the first `num_examples` as {"prompt", "completion", "reference", "correct"}. With several
+    samples, accuracy is over all samples (the expected accuracy of one sample: pass@1) and `num_correct` counts
+    correct samples.
     """
     check = is_correct or _default_check
     if prompt_format not in ("chat", "text"):
         raise ValueError(f"prompt_format must be 'chat' or 'text', got {prompt_format!r}")
     chat = prompt_format == "chat"
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop_strings=None if chat else ["\n"]
-    )
+    if samples_per_problem < 1 or (temperature == 0.0 and samples_per_problem > 1):
+        raise ValueError(f"samples_per_problem must be >= 1, and 1 for greedy decoding; got {samples_per_problem}")
+    n = samples_per_problem
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n,
+                            stop_strings=None if chat else ["\n"], seed=seed if temperature > 0 else None)
     num_correct = 0
     examples: list[dict[str, Any]] = []
     for start in range(0, len(problems), batch_size):
@@ -65,8 +75,11 @@ def verifiable_accuracy(
             ]
         else:
             prompts = [tokenizer.encode(p.prompt_messages()[-1]["content"], add_special_tokens=True) for p in chunk]
-        completions = generate(model, prompts, params, tokenizer=tokenizer)
-        for problem, completion in zip(chunk, completions):
+        # Sampling: one generator per chunk, seeded by the chunk's start, so a run is reproducible.
+        chunk_params = dataclasses.replace(params, seed=seed + start) if temperature > 0 else params
+        completions = generate(model, prompts, chunk_params, tokenizer=tokenizer)
+        for index, completion in enumerate(completions):
+            problem = chunk[index // n]
             text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
             correct = bool(check(text, problem.reference))
             num_correct += correct
@@ -77,7 +90,7 @@ def verifiable_accuracy(
                 )
     num = len(problems)
     return {
-        "accuracy": num_correct / num if num else 0.0,
+        "accuracy": num_correct / (num * n) if num else 0.0,
         "num": num,
         "num_correct": num_correct,
         "examples": examples,

@@ -91,3 +91,29 @@ def test_plain_text_prompts_stop_at_the_line_end(monkeypatch: pytest.MonkeyPatch
     assert params.stop_strings == ["\n"] and params.temperature == 0
     with pytest.raises(ValueError, match="prompt_format"):
         V.verifiable_accuracy(None, TextTokenizer(), problems, prompt_format="xml")  # type: ignore[arg-type]
+
+
+def test_sampled_accuracy_counts_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three samples per problem, the first right and the other two wrong: accuracy 1/3 (pass@1 over samples);
+    each chunk gets its own seed, the samples of problem i are results i * n .. i * n + n - 1."""
+    problems = A.make_problems(5, seed=2, split="heldout")
+    calls: list[SamplingParams] = []
+
+    def fake_generate(model: object, prompts: list[list[int]], params: SamplingParams, *, tokenizer: object):
+        calls.append(params)
+        out = []
+        for i, prompt in enumerate(prompts):
+            problem = next(p for p in problems if p.question == "".join(map(chr, prompt)))
+            for j in range(params.n):
+                answer = problem.answer + (0 if j == 0 else j)
+                out.append(Completion(i, [], [], [], "stop", f"The answer is {answer}."))
+        return out
+
+    monkeypatch.setattr(V, "generate", fake_generate)
+    result = V.verifiable_accuracy(None, PromptTokenizer(), problems, batch_size=2, temperature=1.0,  # type: ignore[arg-type]
+                                   samples_per_problem=3, seed=7)
+    assert result["num"] == 5 and result["num_correct"] == 5
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert [(p.n, p.temperature, p.seed) for p in calls] == [(3, 1.0, 7), (3, 1.0, 9), (3, 1.0, 11)]
+    with pytest.raises(ValueError, match="samples_per_problem"):
+        V.verifiable_accuracy(None, PromptTokenizer(), problems, samples_per_problem=2)  # type: ignore[arg-type]
