@@ -13,6 +13,7 @@ and the alignkit / TRL ratios.
     python bench/dpo.py --quick                      # 4 steps of 2 pairs each: a smoke run
     python bench/dpo.py --steps 20 --batch-size 4    # the full comparison (bf16)
     python bench/dpo.py --steps 20 --precision fp32
+    python bench/dpo.py --device cuda --hf-dir DIR --steps 30 --batch-size 8 --records 400 --checkpointing off
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from typing import Any
 
 import harness
 from harness import (
+    import_trl,
     pair_throughput,
-    peak_rss_mb,
+    peak_memory,
     print_pair_results,
     shared_data,
     trl_step_timer,
@@ -45,11 +47,12 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
         "dpo": {"loss": ["sigmoid"], "beta": 0.1},
         "reference": {"precompute": True},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
-                  "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir},
+                  "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir,
+                  "device": args.device},
     })
     rows = [r for r in run("dpo", cfg).metrics if r.get("step", 0) >= 1]
     stats = pair_throughput([r["elapsed_s"] for r in rows], args.batch_size, args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": rows[-1]["loss"]}
+    return {**stats, **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL side
@@ -68,10 +71,10 @@ def trl_records(path: str) -> list[dict[str, Any]]:
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
-    import datasets
     import torch
     import transformers
-    import trl
+
+    datasets, trl = import_trl()
 
     dataset = datasets.Dataset.from_list(trl_records(args.data))
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
@@ -82,7 +85,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size, learning_rate=1e-6,
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
-        use_cpu=True, gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
+        use_cpu=args.device == "cpu", gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
     )
     times: list[float] = []
     trainer = trl.DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -90,7 +93,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats = pair_throughput(times, args.batch_size, args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": losses[-1] if losses else None}
+    return {**stats, **peak_memory(args.device), "final_loss": losses[-1] if losses else None}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -104,9 +107,10 @@ def main() -> None:
     if ran is None:
         return
     args, results = ran
-    print_pair_results(f"DPO (sigmoid) SmolLM2-135M-Instruct, full fine-tune, HH-RLHF helpful-base, max length "
+    print_pair_results(f"DPO (sigmoid) SmolLM2-135M-Instruct, full fine-tune, {args.device}, HH-RLHF helpful-base, max length "
                        f"{args.max_length}, batch {args.batch_size} pairs, {args.precision}, checkpointing {args.checkpointing}, precomputed reference, "
-                       f"{args.steps} steps ({args.warmup} untimed)", results)
+                       f"{args.steps} steps ({args.warmup} untimed)", results, args.device)
+    harness.exit_status(args)
 
 
 if __name__ == "__main__":

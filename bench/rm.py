@@ -11,6 +11,7 @@ Reported per side: pairs/s over the steps after `--warmup` untimed ones, peak RS
 
     python bench/rm.py --quick                      # 4 steps of 2 pairs each: a smoke run
     python bench/rm.py --steps 20 --batch-size 4    # the full comparison (bf16)
+    python bench/rm.py --device cuda --hf-dir DIR --steps 30 --batch-size 8 --records 400 --checkpointing off
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Any
 
 import harness
 from harness import (
+    import_trl,
     pair_throughput,
-    peak_rss_mb,
+    peak_memory,
     print_pair_results,
     shared_data,
     trl_step_timer,
@@ -41,12 +43,13 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
                  "eval_fraction": 0.0},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
-                  "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir},
+                  "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir,
+                  "device": args.device},
         "rm": {"head_init": "normal"},  # TRL's score-head init, so both sides start from the same kind of head
     })
     rows = [r for r in run("rm", cfg).metrics if r.get("step", 0) >= 1]
     stats = pair_throughput([r["elapsed_s"] for r in rows], args.batch_size, args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": rows[-1]["loss"]}
+    return {**stats, **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL side
@@ -65,10 +68,10 @@ def trl_records(path: str) -> list[dict[str, Any]]:
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
-    import datasets
     import torch
     import transformers
-    import trl
+
+    datasets, trl = import_trl()
 
     dataset = datasets.Dataset.from_list(trl_records(args.data))
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
@@ -79,7 +82,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=args.work_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
-        use_cpu=True, gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
+        use_cpu=args.device == "cpu", gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
     )
     times: list[float] = []
     trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -87,7 +90,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats = pair_throughput(times, args.batch_size, args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": losses[-1] if losses else None}
+    return {**stats, **peak_memory(args.device), "final_loss": losses[-1] if losses else None}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -101,9 +104,10 @@ def main() -> None:
     if ran is None:
         return
     args, results = ran
-    print_pair_results(f"Reward model (Bradley-Terry) SmolLM2-135M-Instruct, full fine-tune, HH-RLHF helpful-base, max "
+    print_pair_results(f"Reward model (Bradley-Terry) SmolLM2-135M-Instruct, full fine-tune, {args.device}, HH-RLHF helpful-base, max "
                        f"length {args.max_length}, batch {args.batch_size} pairs, {args.precision}, checkpointing {args.checkpointing}, {args.steps} "
-                       f"steps ({args.warmup} untimed)", results)
+                       f"steps ({args.warmup} untimed)", results, args.device)
+    harness.exit_status(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ peak RSS, measured over the steps after `--warmup` untimed ones; and the alignki
 
     python bench/sft.py --quick                   # 4 steps each, a smoke run
     python bench/sft.py --steps 30 --batch-size 8 # the full comparison
+    python bench/sft.py --device cuda --hf-dir DIR --steps 30 --batch-size 16 --records 800 --checkpointing off
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import peak_rss_mb, shared_data, timed_span, trl_step_timer
+from harness import (
+    import_trl,
+    memory_cells,
+    memory_header,
+    memory_ratios,
+    peak_memory,
+    shared_data,
+    timed_span,
+    trl_step_timer,
+)
 
 # ---------------------------------------------------------------------------------------------- timing
 
@@ -56,7 +66,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,
                   "precision": args.precision, "log_every": 1, "report_to": [], "output_dir": args.work_dir,
-                  "save_every": 0},
+                  "save_every": 0, "device": args.device},
     })
     result = run("sft", cfg)
     rows = [r for r in result.metrics if r.get("step", 0) >= 1]
@@ -72,18 +82,17 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     for _, micro in zip(range(args.steps), batches):
         totals.append(int(sum(int(torch.as_tensor(mb.attention_mask).sum()) for mb in micro)))
     stats = throughput([r["elapsed_s"] for r in rows], [r["num_tokens"] for r in rows], totals, args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": rows[-1]["loss"]}
+    return {**stats, **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL side
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
-    import datasets
     import torch
     import transformers
-    import trl
 
+    datasets, trl = import_trl()
     from alignkit.data.formats import instruction_to_messages
 
     records = json.loads(Path(args.data).read_text())
@@ -98,7 +107,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=args.work_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", max_steps=args.steps, logging_steps=1,
-        save_strategy="no", report_to=[], bf16=args.precision == "bf16", use_cpu=True, packing=False,
+        save_strategy="no", report_to=[], bf16=args.precision == "bf16", use_cpu=args.device == "cpu", packing=False,
         gradient_checkpointing=args.checkpointing == "on",
         completion_only_loss=True, dataloader_num_workers=0, seed=0,
     )
@@ -119,7 +128,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats = throughput(times, counts["targets"][: len(times)], counts["totals"][: len(times)], args.warmup)
-    return {**stats, "peak_rss_mb": peak_rss_mb(), "final_loss": losses[-1] if losses else None}
+    return {**stats, **peak_memory(args.device), "final_loss": losses[-1] if losses else None}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -137,18 +146,20 @@ def main() -> None:
     if ran is None:
         return
     args, results = ran
-    print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, seq {args.max_length}, batch {args.batch_size}, "
+    device = args.device
+    print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, {device}, seq {args.max_length}, batch {args.batch_size}, "
           f"{args.precision}, checkpointing {args.checkpointing}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
-    print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {'peak RSS MB':>12s} {'final loss':>11s}")
+    print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {memory_header(device)} {'final loss':>11s}")
     for side, r in results.items():
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         print(f"{side:10s} {r['target_tokens_per_s']:13.1f} {r['total_tokens_per_s']:12.1f} "
-              f"{r['peak_rss_mb']:12.0f} {loss:>11s}")
-    a, t = results["alignkit"], results["trl"]
-    print(f"ratio alignkit/TRL: target tokens/s {a['target_tokens_per_s'] / t['target_tokens_per_s']:.2f}x, "
-          f"total tokens/s {a['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x, "
-          f"peak RSS {a['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+              f"{memory_cells(r, device)} {loss:>11s}")
+    if "alignkit" in results and "trl" in results:
+        a, t = results["alignkit"], results["trl"]
+        print(f"ratio alignkit/TRL: target tokens/s {a['target_tokens_per_s'] / t['target_tokens_per_s']:.2f}x, "
+              f"total tokens/s {a['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x, {memory_ratios(a, t, device)}")
     print("target tokens = tokens that carry loss (assistant answers); total = all non-padding tokens processed.")
+    harness.exit_status(args)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def _check_ddp_matches_plain_and_resumes(tmp_path: Path, device: str, reference:
     assert (tmp_path / "resumed" / "checkpoints" / "step_000004" / "state.json").exists()
     resumed = launch(tmp_path / "resumed", "--device", device, "--group", "--resume", nproc=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_rows(rows(tmp_path / "ddp"), rows(tmp_path / "resumed"), rel=1e-6)
+    # Not bitwise: CUDA backward kernels with atomics (index_add, attention) may round differently run to run.
+    assert_same_rows(rows(tmp_path / "ddp"), rows(tmp_path / "resumed"), rel=1e-5)
 
 
 def _check_fsdp2_matches_plain(tmp_path: Path, device: str, reference: list[dict]) -> None:

@@ -43,6 +43,7 @@ def sft_spec(tmp_path: Path) -> tuple[type, dict[str, Any]]:
     }
 
 
+# Preference stages run padded [2B, T] batches and packed pairs sharing their prompt (data.packing).
 def dpo_spec(tmp_path: Path, *, packing: bool) -> tuple[type, dict[str, Any]]:
     return DPOConfig, {
         "model": {"path": tiny_base(tmp_path / "base")},
@@ -53,10 +54,11 @@ def dpo_spec(tmp_path: Path, *, packing: bool) -> tuple[type, dict[str, Any]]:
     }
 
 
-def rm_spec(tmp_path: Path) -> tuple[type, dict[str, Any]]:
+def rm_spec(tmp_path: Path, *, packing: bool) -> tuple[type, dict[str, Any]]:
     return RMConfig, {
         "model": {"path": tiny_base(tmp_path / "base")},
-        "data": {"train": write_jsonl(tmp_path / "pairs.jsonl", marked_pairs(48)), "max_length": 64, "eval_size": 8},
+        "data": {"train": write_jsonl(tmp_path / "pairs.jsonl", marked_pairs(48)), "max_length": 64, "eval_size": 8,
+                 "packing": packing},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
     }
 
@@ -66,7 +68,8 @@ STAGES: dict[str, tuple[str, Callable[[Path], tuple[type, dict[str, Any]]]]] = {
     "sft": ("sft", sft_spec),
     "dpo": ("dpo", lambda p: dpo_spec(p, packing=False)),
     "dpo_packed": ("dpo", lambda p: dpo_spec(p, packing=True)),
-    "rm": ("rm", rm_spec),
+    "rm": ("rm", lambda p: rm_spec(p, packing=False)),
+    "rm_packed": ("rm", lambda p: rm_spec(p, packing=True)),
 }
 
 
