@@ -104,11 +104,16 @@ def stage_data(ctx: StageContext) -> StageResult:
     }
     texts = arithmetic.as_pretraining_text(pretrain, seed=seed, per_document=int(s.get("problems_per_document", 6)))
     _write_jsonl(paths["pretrain_text"], [{"text": t} for t in texts])
-    _write_jsonl(paths["sft_train"], arithmetic.as_chat_records(sft))
+    # Demonstrations from a sloppy annotator: a share of them use a wrong operation (what the rm / dpo pairs fix).
+    _write_jsonl(paths["sft_train"], arithmetic.as_chat_records(
+        sft, wrong_operation_share=float(s.get("sft_wrong_operation_share", 0.0)), seed=seed))
     _write_jsonl(paths["sft_eval"], arithmetic.as_chat_records(heldout))
     # The wrong answers of the two files come from different random streams too.
-    _write_jsonl(paths["preferences"], arithmetic.as_preference_records(preference, seed=seed))
-    _write_jsonl(paths["preferences_eval"], arithmetic.as_preference_records(preference_heldout, seed=seed + 1000))
+    near_miss_share = float(s.get("preference_near_miss_share", arithmetic.NEAR_MISS_SHARE))
+    _write_jsonl(paths["preferences"], arithmetic.as_preference_records(preference, seed=seed,
+                                                                        near_miss_share=near_miss_share))
+    _write_jsonl(paths["preferences_eval"], arithmetic.as_preference_records(
+        preference_heldout, seed=seed + 1000, near_miss_share=near_miss_share))
     return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout),
                                              "preference_pairs": len(preference),
                                              "heldout_preference_pairs": len(preference_heldout)})
@@ -232,6 +237,12 @@ def _evaluate_causal_lm(ctx: StageContext, model_dir: Path, heldout: list[arithm
     # The same held-out problems as plain text, the form pretraining saw (no chat template).
     text = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size,
                                prompt_format="text")
+    # Sampled at temperature 1 (the model's own distribution): a mistake the model makes some of the time
+    # counts here even when greedy decoding avoids it.
+    samples = int(s.get("samples_per_problem", 0))
+    sampled = verifiable_accuracy(model, tokenizer, heldout, max_new_tokens=max_new, batch_size=batch_size,
+                                  temperature=float(s.get("temperature", 1.0)), samples_per_problem=samples,
+                                  seed=ctx.seed) if samples else None
     examples = tokenize_dataset(load_records(ctx.require("data", "sft_eval")), tokenizer, format="chat", max_length=256)
     loss = evaluate_loss(model, [pad_collate(examples[i : i + 64], pad_id=tokenizer.pad_token_id)
                                  for i in range(0, len(examples), 64)])
@@ -244,6 +255,7 @@ def _evaluate_causal_lm(ctx: StageContext, model_dir: Path, heldout: list[arithm
     row = {
         "accuracy/heldout": held["accuracy"], "accuracy/train_pairs": seen["accuracy"],
         "accuracy/heldout_plain_text": text["accuracy"], "accuracy/preference_heldout": preference["accuracy"],
+        **({"accuracy/heldout_sampled": sampled["accuracy"]} if sampled is not None else {}),
         "preference/logp_margin": preference["margin_mean"],
         "eval/loss": loss["loss"], "eval/perplexity": loss["perplexity"],
         "num_problems": held["num"], "num_pairs": preference["num"],
@@ -288,7 +300,9 @@ def _headline(ctx: StageContext) -> list[str]:
     for name, row in evaluated.summary.items():
         cells = [f"{row[key]:.3f}" if row.get(key) is not None else "-" for key, _ in SUMMARY_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "held-out acc: greedy answers to held-out problems through the chat template; train-pair acc: "
+    lines += ["", "held-out acc: greedy answers to held-out problems through the chat template; sampled acc: the "
+              "same problems, answers sampled at temperature 1 (a mistake the model makes some of the time counts "
+              "here even when greedy decoding avoids it); train-pair acc: "
               "training operand pairs in new wordings; pref acc: held-out pairs (a correct solution and a wrong "
               "one) where the model's summed log-prob of the correct one is higher, or for a reward model its reward.",
               ""]
@@ -447,6 +461,7 @@ def run_pipeline(recipe: dict[str, Any], run_dir: str | Path, *, log: Callable[[
 # (row key, column header) of the summary table; a model without a value (a reward model has no task accuracy) gets "-".
 SUMMARY_COLUMNS = (
     ("accuracy/heldout", "held-out acc"),
+    ("accuracy/heldout_sampled", "sampled acc"),
     ("accuracy/train_pairs", "train-pair acc"),
     ("accuracy/heldout_plain_text", "plain-text acc"),
     ("accuracy/preference_heldout", "pref acc"),
@@ -455,6 +470,7 @@ SUMMARY_COLUMNS = (
 # What `comparison` reports, as (row key, words).
 COMPARED = (
     ("accuracy/heldout", "held-out task accuracy"),
+    ("accuracy/heldout_sampled", "held-out task accuracy, sampled at temperature 1"),
     ("accuracy/preference_heldout", "held-out preference accuracy"),
     ("preference/logp_margin", "held-out log-prob margin, chosen - rejected"),
 )

@@ -75,7 +75,8 @@ def test_stage_order_errors_name_both_stages(tmp_path: Path, stages: str, messag
 
 def test_summary_table_compares_sft_and_dpo() -> None:
     rows = {
-        "sft": {"accuracy/heldout": 0.82, "accuracy/train_pairs": 0.977, "accuracy/heldout_plain_text": 0.447,
+        "sft": {"accuracy/heldout": 0.82, "accuracy/heldout_sampled": 0.5, "accuracy/train_pairs": 0.977,
+                "accuracy/heldout_plain_text": 0.447,
                 "accuracy/preference_heldout": 0.953, "preference/logp_margin": 14.0, "eval/loss": 0.07},
         "dpo": {"accuracy/heldout": 0.8, "accuracy/train_pairs": 0.97, "accuracy/heldout_plain_text": 0.4,
                 "accuracy/preference_heldout": 0.99, "preference/logp_margin": 15.5, "eval/loss": 0.08},
@@ -83,11 +84,14 @@ def test_summary_table_compares_sft_and_dpo() -> None:
     }
     results = {"evaluate": Q.StageResult(summary=rows, seconds=12.0), "dpo": Q.StageResult(seconds=40.4)}
     lines = Q.summary_table(results, Q.load_recipe(None)).splitlines()
-    assert lines[0].split() == ["model", "held-out", "acc", "train-pair", "acc", "plain-text", "acc", "pref", "acc",
-                                "eval", "loss"]
-    assert lines[2].split() == ["dpo", "0.800", "0.970", "0.400", "0.990", "0.080"]
-    assert lines[3].split() == ["rm", "-", "-", "-", "0.625", "-"]
+    assert lines[0].split() == ["model", "held-out", "acc", "sampled", "acc", "train-pair", "acc", "plain-text",
+                                "acc", "pref", "acc", "eval", "loss"]
+    assert lines[1].split() == ["sft", "0.820", "0.500", "0.977", "0.447", "0.953", "0.070"]
+    # dpo was not sampled: "-" in that column, and no sampled line in the comparison.
+    assert lines[2].split() == ["dpo", "0.800", "-", "0.970", "0.400", "0.990", "0.080"]
+    assert lines[3].split() == ["rm", "-", "-", "-", "-", "0.625", "-"]
     assert lines[4] == "held-out task accuracy: sft 0.820 -> dpo 0.800 (-0.020)"
+    assert not any("sampled" in line for line in lines[4:])
     assert lines[5] == "held-out preference accuracy: sft 0.953 -> dpo 0.990 (+0.037)"
     assert lines[6] == "held-out log-prob margin, chosen - rejected: sft 14.000 -> dpo 15.500 (+1.500)"
     assert lines[7] == "time: evaluate 12s, dpo 40s; total 52s"
@@ -150,6 +154,9 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rm"]
     for row in rows[:3]:
         assert 0.0 <= row["accuracy/heldout"] <= 1.0
+        # --fast samples 2 answers per problem: the accuracy is a count over 2 * eval_problems samples.
+        samples = 2 * recipe["data"]["eval_problems"]
+        assert round(row["accuracy/heldout_sampled"] * samples, 6).is_integer()
         assert row["num_problems"] == recipe["data"]["eval_problems"]
         assert row["eval/loss"] > 0
         assert 0.0 <= row["accuracy/preference_heldout"] <= 1.0 and math.isfinite(row["preference/logp_margin"])

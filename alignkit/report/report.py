@@ -30,6 +30,7 @@ from alignkit.errors import DataError
 ACCURACY_KEYS = ("accuracy/heldout", "eval/accuracy", "eval/rewards/accuracies", "accuracy", "rewards/accuracies")
 # Evaluation rows (one per model) are drawn as grouped bars, one bar per key present: (key, legend label).
 EVALUATION_BARS = (("accuracy/heldout", "held-out task accuracy"),
+                   ("accuracy/heldout_sampled", "held-out accuracy, sampled (T=1)"),
                    ("accuracy/preference_heldout", "held-out preference accuracy"))
 LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected")
 # DPO's likelihood diagnostics: policy minus reference log-prob (near 0, so on their own axes).

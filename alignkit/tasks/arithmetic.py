@@ -195,17 +195,33 @@ def near_misses(problem: Problem) -> list[int]:
     return sorted({problem.answer + step for step in steps if problem.answer + step >= 0} - {problem.answer})
 
 
-def wrong_answer(problem: Problem, rng: random.Random) -> tuple[str, str]:
-    """A plausible wrong solution and its kind: ("near_miss", see `near_misses`) three times in four, else
-    ("wrong_operation", the right numbers with another operation, shown honestly: "12 - 7 = 5")."""
+def wrong_operation(problem: Problem, rng: random.Random) -> str | None:
+    """The problem's numbers with another operation, shown honestly ("12 - 7 = 5. The answer is 5." for 12 + 7),
+    or None when no other operation gives a different non-negative answer.
+
+    The other operation's fact must not be held out unless the problem is: the rejected "9 x 7 = 63" of a training
+    problem "9 + 7" would put a held-out fact (if 9 x 7 is held out) into the training data.
+    """
     a, b = problem.operands
-    wrong_ops = [op for op in OPERATIONS
-                 if op != problem.operation and compute(op, a, b) != problem.answer and compute(op, a, b) >= 0]
-    if rng.random() < NEAR_MISS_SHARE or not wrong_ops:
-        # A near miss keeps the worked line's operands and operation and breaks only the result.
-        return format_solution(problem.operation, a, b, rng.choice(near_misses(problem))), "near_miss"
-    op = rng.choice(wrong_ops)
-    return format_solution(op, a, b, compute(op, a, b)), "wrong_operation"
+    heldout = split_of(problem.operation, a, b) == "heldout"
+    ops = [op for op in OPERATIONS
+           if op != problem.operation and compute(op, a, b) != problem.answer and compute(op, a, b) >= 0
+           and (heldout or split_of(op, a, b) == "train")]
+    if not ops:
+        return None
+    op = rng.choice(ops)
+    return format_solution(op, a, b, compute(op, a, b))
+
+
+def wrong_answer(problem: Problem, rng: random.Random, near_miss_share: float = NEAR_MISS_SHARE) -> tuple[str, str]:
+    """A plausible wrong solution and its kind: ("near_miss", see `near_misses`) with probability
+    `near_miss_share`, else ("wrong_operation", see `wrong_operation`); a near miss when no wrong operation exists."""
+    wrong_op = wrong_operation(problem, rng) if rng.random() >= near_miss_share else None
+    if wrong_op is not None:
+        return wrong_op, "wrong_operation"
+    # A near miss keeps the worked line's operands and operation and breaks only the result.
+    a, b = problem.operands
+    return format_solution(problem.operation, a, b, rng.choice(near_misses(problem))), "near_miss"
 
 
 def as_pretraining_text(
@@ -230,17 +246,32 @@ def as_pretraining_text(
     return documents
 
 
-def as_chat_records(problems: list[Problem]) -> list[dict[str, Any]]:
-    """`{"messages": [user, assistant]}` records for SFT."""
-    return [{"messages": p.messages()} for p in problems]
+def as_chat_records(problems: list[Problem], *, wrong_operation_share: float = 0.0,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """`{"messages": [user, assistant]}` records for SFT.
+
+    `wrong_operation_share` > 0 makes a sloppy annotator: that share of the answers use a wrong operation
+    (`wrong_operation`, e.g. "12 - 7 = 5. The answer is 5." for 12 + 7), the rest are correct.
+    """
+    rng = random.Random(f"arithmetic-sloppy:{seed}")
+    records = []
+    for p in problems:
+        messages = p.messages()
+        if wrong_operation_share > 0 and rng.random() < wrong_operation_share:
+            wrong = wrong_operation(p, rng)
+            if wrong is not None:
+                messages[-1] = {"role": "assistant", "content": wrong}
+        records.append({"messages": messages})
+    return records
 
 
-def as_preference_records(problems: list[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+def as_preference_records(problems: list[Problem], *, seed: int = 0,
+                          near_miss_share: float = NEAR_MISS_SHARE) -> list[dict[str, Any]]:
     """`{"prompt": [user message], "chosen": correct solution, "rejected": a wrong one, "mistake": its kind}` for the
     reward-model and DPO stages (`mistake` is "near_miss" or "wrong_operation", see `wrong_answer`)."""
     rng = random.Random(f"arithmetic-pref:{seed}")
     records = []
     for p in problems:
-        rejected, mistake = wrong_answer(p, rng)
+        rejected, mistake = wrong_answer(p, rng, near_miss_share)
         records.append({"prompt": p.prompt_messages(), "chosen": p.solution, "rejected": rejected, "mistake": mistake})
     return records

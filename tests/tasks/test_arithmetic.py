@@ -137,6 +137,34 @@ def test_near_misses_and_mistake_mix() -> None:
     assert abs(share - A.NEAR_MISS_SHARE) < 0.03
 
 
+def test_wrong_operations_of_training_problems_are_training_facts() -> None:
+    """A rejected "a op b = c" of a training problem is itself a training fact, so held-out facts never reach the
+    training data (a held-out problem may show any fact: it is only evaluated)."""
+    pattern = re.compile(r"^(\d+) ([+x-]) (\d+) = (\d+)\.")
+    records = A.as_preference_records(A.make_problems(1500, seed=3), seed=4, near_miss_share=0.0)
+    wrong_ops = [r for r in records if r["mistake"] == "wrong_operation"]
+    assert len(wrong_ops) > 1200  # near misses only where no other operation gives a new non-negative answer
+    for record in wrong_ops:
+        a, op, b, c = pattern.match(record["rejected"]).groups()  # type: ignore[union-attr]
+        assert A.split_of(op, int(a), int(b)) == "train", record
+        assert A.compute(op, int(a), int(b)) == int(c) and op not in record["chosen"].split("=")[0]
+
+
+def test_sloppy_chat_records_use_a_wrong_operation_at_the_given_rate() -> None:
+    problems = A.make_problems(3000, seed=1)
+    clean = A.as_chat_records(problems)
+    assert all(r["messages"][-1]["content"] == p.solution for r, p in zip(clean, problems))
+    sloppy = A.as_chat_records(problems, wrong_operation_share=0.3, seed=0)
+    wrong = [(r, p) for r, p in zip(sloppy, problems) if r["messages"][-1]["content"] != p.solution]
+    # A few problems have no other operation with a new non-negative answer (e.g. 2 + 2 = 2 x 2).
+    assert 0.27 < len(wrong) / len(problems) <= 0.3 + 0.02
+    for record, problem in wrong:
+        text = record["messages"][-1]["content"]
+        assert not A.is_correct(text, problem.reference)
+        assert text.split(" ")[1] != problem.operation  # the operation is what is wrong
+    assert A.as_chat_records(problems, wrong_operation_share=0.3, seed=0) == sloppy  # deterministic
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="difficulty"):
         A.make_problems(1, difficulty=9)
