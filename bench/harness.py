@@ -100,6 +100,8 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--packing", choices=["on", "off"], default="on",
+                   help="alignkit's rm / dpo: pairs packed with a shared prompt (data.packing, the default) or padded")
     p.add_argument("--checkpointing", choices=["on", "off"], default="on",
                    help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers")
     p.add_argument("--records", type=int, default=records, help=records_help)
@@ -179,7 +181,7 @@ def main(
                    "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", args.precision,
-                   "--checkpointing", args.checkpointing, "--device", args.device]
+                   "--checkpointing", args.checkpointing, "--device", args.device, "--packing", args.packing]
             done = subprocess.run(cmd, cwd=REPO_ROOT)
             if done.returncode != 0 or not out.is_file():
                 print(f"\n{side} side failed (exit code {done.returncode}); its output is above.", file=sys.stderr)
