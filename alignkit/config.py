@@ -398,26 +398,30 @@ def _comment_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _help_lines(cls: type, prefix: str, lines: list[str]) -> None:
+def _help_lines(cls: type, prefix: str, lines: list[str], instance: Any = None) -> None:
+    """Help lines of `cls`'s fields; defaults come from `instance` when given (a section's default in its parent,
+    e.g. the preference stages' own DataSection defaults), else from the field definitions."""
     hints = _type_hints(cls)
     docs = field_docs(cls)
-    nested: list[tuple[str, type]] = []
+    nested: list[tuple[str, type, Any]] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            nested.append((f.name, tp))  # type: ignore[arg-type]
-            continue
-        if f.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(tp):
+            nested.append((f.name, tp, default if dataclasses.is_dataclass(default) else None))  # type: ignore[arg-type]
+            continue
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r})")
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")
-    for name, sub in nested:
+    for name, sub, sub_default in nested:
         doc = docs.get(name)
         lines.append("")
         lines.append(f"{prefix}{name}:" + (f"  {doc}" if doc else ""))
-        _help_lines(sub, f"{prefix}{name}.", lines)
+        _help_lines(sub, f"{prefix}{name}.", lines, sub_default)

@@ -34,6 +34,11 @@ if str(REPO_ROOT) not in sys.path:
 Side = Callable[[argparse.Namespace], dict[str, Any]]
 
 
+def packing(args: argparse.Namespace) -> bool | None:
+    """data.packing for alignkit's rm / dpo side: None (auto), True or False."""
+    return {"auto": None, "on": True, "off": False}[args.packing]
+
+
 def shared_data() -> Path:
     return Path(os.environ.get("ALIGNKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -100,8 +105,9 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--packing", choices=["on", "off"], default="on",
-                   help="alignkit's rm / dpo: pairs packed with a shared prompt (data.packing, the default) or padded")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="alignkit's rm / dpo: pairs packed with a shared prompt or padded (data.packing); auto, the "
+                        "default, packs on a CPU and pads on a GPU")
     p.add_argument("--checkpointing", choices=["on", "off"], default="on",
                    help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers")
     p.add_argument("--records", type=int, default=records, help=records_help)

@@ -39,7 +39,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = config_from_dict(RMConfig, {
         "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
-        "data": {"train": args.data, "max_length": args.max_length, "packing": args.packing == "on", "truncation": "drop", "eval_size": 0,
+        "data": {"train": args.data, "max_length": args.max_length, "packing": harness.packing(args), "truncation": "drop", "eval_size": 0,
                  "eval_fraction": 0.0},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.batch_size, "max_steps": args.steps,

@@ -98,8 +98,13 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_help_lists_every_field_with_its_doc() -> None:
     text = config_help(SFTConfig)
     for line in ("optim.lr (float, default 1e-05)", "Peak learning rate (AdamW).", "train.precision ('fp32' | 'bf16'",
-                 "lora.target_modules", "Linear layers that get adapters", "data.packing (bool, default False)"):
+                 "lora.target_modules", "Linear layers that get adapters", "data.packing (bool | None, default False)"):
         assert line in text, line
+    # A section's defaults are the ones its stage sets (pretraining packs; the preference stages decide per device).
+    assert "data.packing (bool | None, default True)" in config_help(PretrainConfig)
+    from alignkit.trainers.preference_configs import DPOConfig
+
+    assert "data.packing (bool | None, default None)" in config_help(DPOConfig)
     for cls in (SFTConfig, PretrainConfig):
         for f in dataclasses.fields(cls):
             assert field_docs(cls).get(f.name), f"{cls.__name__}.{f.name} has no doc"

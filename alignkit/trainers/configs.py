@@ -40,8 +40,10 @@ class DataSection:
     max_length: int = 512
     # Too-long examples: right (cut the end), left (cut the prompt start), drop, error, split (text only).
     truncation: Literal["right", "left", "drop", "error", "split"] = "right"
-    # Pack several examples into each max_length row (documents cannot attend to each other).
-    packing: bool = False
+    # Pack several examples into each max_length row (documents cannot attend to each other). For preference pairs
+    # (rm, dpo): pack each pair with its prompt shared; null (their default) packs on a CPU and pads on a GPU, where
+    # the padded batch keeps the fused causal attention kernel and is faster for small models.
+    packing: bool | None = False
     # Fraction of train held out for evaluation when `eval` is unset.
     eval_fraction: float = 0.05
     # Number of held-out examples (overrides eval_fraction when set).

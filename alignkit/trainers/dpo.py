@@ -370,7 +370,7 @@ def train(cfg: DPOConfig) -> RunResult:
                                 strict=cfg.dpo.strict)
 
     def collate(items: list[PairItem]) -> PairMicroBatch:
-        return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=pack_capacity(cfg.data))
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=pack_capacity(cfg.data, info.device))
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

@@ -167,7 +167,7 @@ def train(cfg: RMConfig) -> RunResult:
 
     def collate(items: list[PairItem]) -> PairMicroBatch:
         return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin,
-                             pack_capacity=pack_capacity(cfg.data))
+                             pack_capacity=pack_capacity(cfg.data, info.device))
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

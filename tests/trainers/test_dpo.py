@@ -287,3 +287,16 @@ def test_dpo_on_real_hh_rlhf_pairs_and_report(tmp_path: Path, smollm2_gguf: str,
     report = build_report(tmp_path, stages=["dpo"])
     assert (tmp_path / "logps.png").is_file() and (tmp_path / "logps_delta.png").is_file()
     assert "logps.png" in report.read_text()
+
+
+def test_default_packing_is_per_device() -> None:
+    """data.packing null (the rm / dpo default): packed pairs on a CPU, padded on a GPU; true / false force it."""
+    from alignkit.trainers.configs import DataSection
+    from alignkit.trainers.preference_data import pack_capacity
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert DPOConfig().data.packing is None
+    assert pack_capacity(DataSection(max_length=64, packing=None), cpu) == 64
+    assert pack_capacity(DataSection(max_length=64, packing=None), cuda) is None
+    assert pack_capacity(DataSection(max_length=64, packing=True), cuda) == 64
+    assert pack_capacity(DataSection(max_length=64, packing=False), cpu) is None
