@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 
@@ -17,6 +18,16 @@ from alignkit.data.tokenize import PreferenceExample, TokenizedExample
 from alignkit.errors import DataError
 
 IGNORE_INDEX = -100
+
+
+BatchT = TypeVar("BatchT")
+
+
+def _tensors_to(batch: BatchT, device: torch.device | str) -> BatchT:
+    """A copy of a batch dataclass with every tensor field moved to `device` (other fields kept)."""
+    moved = {f.name: getattr(batch, f.name).to(device, non_blocking=True) for f in fields(batch)  # type: ignore[arg-type]
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return replace(batch, **moved)  # type: ignore[type-var]
 
 
 @dataclass
@@ -31,11 +42,7 @@ class Batch:
     num_tokens: int  # labels != -100
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return Batch(**moved)
+        return _tensors_to(self, device)
 
 
 @dataclass
@@ -50,11 +57,7 @@ class PreferenceBatch:
     num_tokens: int = 0  # labels != -100, over both halves
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return PreferenceBatch(**moved)
+        return _tensors_to(self, device)
 
 
 def shifted_labels(input_ids: Sequence[int], loss_mask: Sequence[bool]) -> list[int]:
@@ -229,11 +232,7 @@ class SharedPromptBatch:
     num_tokens: int = 0  # N: response tokens of both halves
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return SharedPromptBatch(**moved)
+        return _tensors_to(self, device)
 
 
 def shared_prompt_collate(

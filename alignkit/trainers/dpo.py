@@ -87,18 +87,17 @@ def sequence_logps(model: nn.Module, micro: PairMicroBatch) -> tuple[torch.Tenso
     """
     batch = micro.batch
     if isinstance(batch, SharedPromptBatch):
+        # Pairs packed with a shared prompt: logits at each response token's source position, chosen first.
         logits = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                       logits_index=batch.source_index)  # [N, V], chosen tokens first
-        token_logps = token_logprobs(logits, batch.target_ids)
-        rows = 2 * batch.num_pairs
-        return (sequence_logprobs(token_logps, batch.segment_ids, rows),
-                sequence_lengths(batch.segment_ids, rows), logits)
-    targets = batch.labels != IGNORE_INDEX  # [2B, T], response tokens only (labels are already shifted)
-    # Right padding: plain causal attention is exact for every real token and keeps SDPA's fused kernel.
-    logits = model(batch.input_ids, position_ids=batch.position_ids, logits_mask=targets)  # [N, V]
-    token_logps = token_logprobs(logits, batch.labels[targets])  # [N], fp32
-    segments = segment_ids_from_mask(targets)
-    rows = batch.input_ids.shape[0]
+                       logits_index=batch.source_index)  # [N, V]
+        targets, segments = batch.target_ids, batch.segment_ids
+    else:
+        mask = batch.labels != IGNORE_INDEX  # [2B, T], response tokens only (labels are already shifted)
+        # Right padding: plain causal attention is exact for every real token and keeps SDPA's fused kernel.
+        logits = model(batch.input_ids, position_ids=batch.position_ids, logits_mask=mask)  # [N, V]
+        targets, segments = batch.labels[mask], segment_ids_from_mask(mask)
+    token_logps = token_logprobs(logits, targets)  # [N], fp32
+    rows = 2 * batch.num_pairs
     return sequence_logprobs(token_logps, segments, rows), sequence_lengths(segments, rows), logits
 
 
@@ -369,8 +368,10 @@ def train(cfg: DPOConfig) -> RunResult:
     data = load_preference_data(cfg.data, tokenizer, info, max_prompt_length=cfg.dpo.max_prompt_length,
                                 strict=cfg.dpo.strict)
 
+    capacity = pack_capacity(cfg.data, info.device)
+
     def collate(items: list[PairItem]) -> PairMicroBatch:
-        return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=pack_capacity(cfg.data, info.device))
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=capacity)
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

@@ -18,7 +18,7 @@ def _preference_data() -> DataSection:
     # Packing: each pair's prompt is computed once and no padding is computed (exact: see
     # alignkit.data.shared_prompt_collate); packing=false gives the plain padded [2B, T] batch. null: packed on a
     # CPU (about 2x fewer tokens on HH-RLHF), padded on a GPU (the fused causal kernel needs no mask; measured
-    # 1.2-2.5x faster for SmolLM2-135M on an H200, docs/benchmarks.md).
+    # 1.1-3.1x faster for SmolLM2-135M on an H200, docs/benchmarks.md).
     return DataSection(format="preference", truncation="left", max_length=512, packing=None)
 
 

@@ -165,9 +165,10 @@ def train(cfg: RMConfig) -> RunResult:
     data = load_preference_data(cfg.data, tokenizer, info, max_prompt_length=cfg.rm.max_prompt_length,
                                 strict=cfg.rm.strict, margin_field=cfg.rm.margin_field)
 
+    capacity = pack_capacity(cfg.data, info.device)
+
     def collate(items: list[PairItem]) -> PairMicroBatch:
-        return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin,
-                             pack_capacity=pack_capacity(cfg.data, info.device))
+        return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin, pack_capacity=capacity)
 
     batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

@@ -135,7 +135,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_training_curve(tmp_p
 
 
 def test_packed_pairs_with_shared_prompts_train_exactly_like_padded_pairs(tmp_path: Path) -> None:
-    """data.packing (the default) changes the layout, not the math: same losses and metrics as padded rows."""
+    """data.packing (the default on a CPU) changes the layout, not the math: same losses and metrics as padded rows."""
     base = tiny_base(tmp_path / "base")
     data_path = write_jsonl(tmp_path / "pairs.jsonl", fruit_pairs(48))
     curves = []

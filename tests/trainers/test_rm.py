@@ -75,7 +75,7 @@ def test_reward_model_learns_pairs_and_export_scores_match_alignkit_and_transfor
 
 
 def test_packed_pairs_with_shared_prompts_give_the_rewards_and_gradients_of_padded_pairs(tmp_path: Path) -> None:
-    """data.packing (the default) computes each prompt once in a packed row: same rewards, same gradients."""
+    """data.packing (the default on a CPU) computes each prompt once in a packed row: same rewards, same gradients."""
     from alignkit.checkpoint import load_pretrained
     from alignkit.data import tokenize_preferences
     from alignkit.rewards.scoring import score_model_from_causal_lm
