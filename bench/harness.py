@@ -83,6 +83,20 @@ def pair_throughput(step_times: list[float], pairs_per_step: int, warmup: int) -
     return {"seconds": seconds, "timed_steps": steps, "pairs_per_s": pairs_per_step * steps / seconds}
 
 
+def engine_mfu(rows: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """alignkit's own MFU (%) and model TFLOP/s per device over the timed steps (rows logged every step), each
+    step weighted by its time."""
+    timed = rows[warmup:]
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows[warmup - 1 : -1], timed)] if warmup else [1.0] * len(timed)
+    seconds = sum(times)
+    return {"mfu": sum(r["mfu"] * t for r, t in zip(timed, times)) / seconds,
+            "tflops": sum(r["tflops"] * t for r, t in zip(timed, times)) / seconds}
+
+
+def mfu_cell(result: dict[str, Any]) -> str:
+    return f"{result['mfu']:6.2f}" if result.get("mfu") is not None else f"{'-':>6s}"
+
+
 def trl_step_timer(times: list[float]) -> Any:
     """A transformers TrainerCallback that appends the wall time at the end of every optimizer step."""
     import torch
@@ -230,10 +244,11 @@ def write_first_jsonl_records(source: Path, out: Path, count: int) -> None:
 
 def print_pair_results(title: str, results: dict[str, dict[str, Any]], device: str = "cpu") -> None:
     print(f"\n{title}")
-    print(f"{'':10s} {'pairs/s':>9s} {memory_header(device)} {'final loss':>11s}")
+    print("MFU: alignkit's logged model FLOPs utilisation (docs/training.md); TRL does not report one.")
+    print(f"{'':10s} {'pairs/s':>9s} {'MFU %':>6s} {memory_header(device)} {'final loss':>11s}")
     for side, r in results.items():
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"{side:10s} {r['pairs_per_s']:9.2f} {memory_cells(r, device)} {loss:>11s}")
+        print(f"{side:10s} {r['pairs_per_s']:9.2f} {mfu_cell(r)} {memory_cells(r, device)} {loss:>11s}")
     if "alignkit" in results and "trl" in results:
         a, t = results["alignkit"], results["trl"]
         print(f"ratio alignkit/TRL: pairs/s {a['pairs_per_s'] / t['pairs_per_s']:.2f}x, {memory_ratios(a, t, device)}")

@@ -49,7 +49,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     })
     rows = [r for r in run("rm", cfg).metrics if r.get("step", 0) >= 1]
     stats = pair_throughput([r["elapsed_s"] for r in rows], args.batch_size, args.warmup)
-    return {**stats, **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
+    return {**stats, **harness.engine_mfu(rows, args.warmup), **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL side

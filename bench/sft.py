@@ -82,7 +82,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     for _, micro in zip(range(args.steps), batches):
         totals.append(int(sum(int(torch.as_tensor(mb.attention_mask).sum()) for mb in micro)))
     stats = throughput([r["elapsed_s"] for r in rows], [r["num_tokens"] for r in rows], totals, args.warmup)
-    return {**stats, **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
+    return {**stats, **harness.engine_mfu(rows, args.warmup), **peak_memory(args.device), "final_loss": rows[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL side
@@ -149,16 +149,17 @@ def main() -> None:
     device = args.device
     print(f"\nSFT SmolLM2-135M-Instruct, full fine-tune, {device}, seq {args.max_length}, batch {args.batch_size}, "
           f"{args.precision}, checkpointing {args.checkpointing}, AdamW lr 1e-5, {args.steps} steps ({args.warmup} untimed)")
-    print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {memory_header(device)} {'final loss':>11s}")
+    print(f"{'':10s} {'target tok/s':>13s} {'total tok/s':>12s} {'MFU %':>6s} {memory_header(device)} {'final loss':>11s}")
     for side, r in results.items():
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"{side:10s} {r['target_tokens_per_s']:13.1f} {r['total_tokens_per_s']:12.1f} "
+        print(f"{side:10s} {r['target_tokens_per_s']:13.1f} {r['total_tokens_per_s']:12.1f} {harness.mfu_cell(r)} "
               f"{memory_cells(r, device)} {loss:>11s}")
     if "alignkit" in results and "trl" in results:
         a, t = results["alignkit"], results["trl"]
         print(f"ratio alignkit/TRL: target tokens/s {a['target_tokens_per_s'] / t['target_tokens_per_s']:.2f}x, "
               f"total tokens/s {a['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x, {memory_ratios(a, t, device)}")
     print("target tokens = tokens that carry loss (assistant answers); total = all non-padding tokens processed.")
+    print("MFU: alignkit's logged model FLOPs utilisation (docs/training.md); TRL does not report one.")
     harness.exit_status(args)
 
 

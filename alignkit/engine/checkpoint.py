@@ -1,14 +1,18 @@
-"""Resumable training checkpoints: `run_dir/checkpoints/step_000100/{model.safetensors, optimizer.pt, state.json}`.
+"""Resumable training checkpoints: `run_dir/checkpoints/step_000100/{<name>.safetensors, <name>.optimizer.pt,
+state.json}` for each trainable model `<name>` of the engine (`model` for the single-model stages).
 
 Each checkpoint is written into `checkpoints/.tmp-step_000100` and renamed into place with one `os.replace`, so a
 process killed mid-write leaves a `.tmp-` folder that is ignored, and the previous checkpoint stays the latest.
 `state.json` is written last; a directory without it is never treated as complete.
 
-- model.safetensors: the trainable parameters (all of them for full fine-tuning, the adapters for LoRA; frozen
-  weights come back from the base model when the trainer rebuilds it).
-- optimizer.pt: `optimizer.state_dict()`, plain tensors and numbers, loaded with `torch.load(weights_only=True)`.
-- state.json: step, elapsed time, the data iterator's position, and every RNG state (python, numpy, torch CPU,
-  CUDA) of every rank, so dropout and sampling continue exactly where they stopped.
+- <name>.safetensors: the model's trainable parameters (all of them for full fine-tuning, the adapters for LoRA;
+  frozen weights, and frozen models such as a reference, come back from where the trainer loads them).
+- <name>.optimizer.pt: `optimizer.state_dict()`, plain tensors and numbers, loaded with
+  `torch.load(weights_only=True)`.
+- state.json: the step, each optimizer's own step count, elapsed time, the state of every registered step source
+  and trainer object (the data position, a KL controller, running statistics, a sampler's generator), the frozen
+  models' sources, and every RNG state (python, numpy, torch CPU, CUDA) of every rank, so dropout and sampling
+  continue exactly where they stopped. Tensors in those states are stored as base64 (never pickled).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +77,8 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
     state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
@@ -85,8 +90,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for name, model in models.items():
+        save_file(trainable_state(model), str(tmp / f"{name}.safetensors"))
+        torch.save(optimizers[name].state_dict(), tmp / f"{name}.optimizer.pt")
     _write_state(tmp / "state.json", {"step": step, **state})
     if final.exists():
         shutil.rmtree(final)
@@ -126,33 +132,70 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(
-    path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device
-) -> dict[str, Any]:
-    """Load weights (and optimizer state) from a checkpoint folder into `model`; return its state.json."""
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json."""
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "model.safetensors"), device=str(device))
+        return json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"Checkpoint {path} cannot be read ({e}); delete it to resume from an older one.") from None
+
+
+def load_model_state(path: str | Path, name: str, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     device: torch.device) -> None:
+    """Load trainable model `name`'s weights (and optimizer state) from a checkpoint folder into `model`."""
+    path = Path(path)
+    weights_path = path / f"{name}.safetensors"
+    try:
+        weights = load_file(str(weights_path), device=str(device))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Checkpoint {weights_path} cannot be read ({e}); delete {path} to resume from an "
+                              "older checkpoint.") from None
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(dict(model.named_parameters())))
     if missing or unexpected:
         raise CheckpointError(
-            f"Checkpoint {path / 'model.safetensors'} does not match the model being trained "
+            f"Checkpoint {weights_path} does not match model {name!r} being trained "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model and lora settings."
         )
     params = dict(model.named_parameters())
+    for key, tensor in weights.items():
+        if params[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"Checkpoint {weights_path}: tensor {key} has shape {tuple(tensor.shape)}, model {name!r} "
+                f"expects {tuple(params[key].shape)}; resume with the same model config."
+            )
     with torch.no_grad():
-        for name, tensor in weights.items():
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(
-                    f"Checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(params[name].shape)}; resume with the same model config."
-                )
-            params[name].copy_(tensor)
+        for key, tensor in weights.items():
+            params[key].copy_(tensor)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    return state
+        optimizer.load_state_dict(torch.load(path / f"{name}.optimizer.pt", map_location=device, weights_only=True))
+
+
+def encode_state(value: Any) -> Any:
+    """A JSON-serialisable copy of a `state_dict()`: tensors (a generator's state, running sums) become base64."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        data = tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor.to(torch.uint8)
+        return {"__tensor__": base64.b64encode(data.numpy().tobytes()).decode(), "dtype": str(tensor.dtype)[6:],
+                "shape": list(tensor.shape)}
+    if isinstance(value, dict):
+        return {str(k): encode_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    return value
+
+
+def decode_state(value: Any) -> Any:
+    """The inverse of `encode_state` (tuples come back as lists)."""
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            dtype = getattr(torch, value["dtype"])
+            raw = torch.frombuffer(bytearray(base64.b64decode(value["__tensor__"])), dtype=torch.uint8)
+            tensor = raw.to(torch.bool) if dtype == torch.bool else raw.view(dtype)
+            return tensor.reshape(value["shape"]).clone()
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value

@@ -6,8 +6,10 @@ initialised, so trainers call them unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,20 +89,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; the identity on one process.
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce over ranks in place (`op`: sum, max, min); the identity on one process.
 
     Callers reduce small CPU tensors too (the step's token count, evaluation sums). NCCL only reduces CUDA
-    tensors, so under NCCL a CPU tensor is summed through a copy on this rank's GPU and written back.
+    tensors, so under NCCL a CPU tensor is reduced through a copy on this rank's GPU and written back.
     """
     if is_initialized():
         if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
             staged = tensor.cuda()
-            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            dist.all_reduce(staged, op=_OPS[op])
             tensor.copy_(staged)
         else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=_OPS[op])
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; the identity on one process."""
+    return all_reduce(tensor, "sum")
 
 
 def all_gather_object(obj: object) -> list[object]:
@@ -142,6 +152,25 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
         fully_shard(model)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; expected 'ddp' or 'fsdp2'")
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model` holds its full parameters: under FSDP2 every sharded submodule is all-gathered
+    once and kept whole across forwards (a decode loop would otherwise all-gather every layer at every token);
+    on exit they are sharded again. Without FSDP2 (one process, DDP) it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

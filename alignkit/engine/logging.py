@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -101,14 +100,15 @@ class MetricsLogger:
             self.message("before training: " + " ".join(f"{k}={_format_value(v)}" for k, v in row.items() if k != "step"))
             return
         if self._start_step is None:
+            # The logger is created when the loop starts: the first step's time runs from then.
             self._start_step = step - 1
-            self._start = time.perf_counter() - 1e-9
         done = step - self._start_step
         rate = done / max(time.perf_counter() - self._start, 1e-9)
-        eta = (self.total_steps - step) / rate if rate > 0 else math.inf
-        shown = {k: v for k, v in row.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s", "pairs_per_s") or k.startswith("eval/")}
-        text = " ".join(f"{k}={_format_value(v)}" for k, v in shown.items())
-        eta_text = _format_duration(eta) if math.isfinite(eta) else "?"
+        eta = (self.total_steps - step) / rate
+        shown = {k: v for k, v in row.items()
+                 if k in ("loss", "lr", "grad_norm", "mfu") or k.endswith("_per_s") or k.startswith("eval/")}
+        text = " ".join(f"{k}={_format_value(v)}" + ("%" if k == "mfu" else "") for k, v in shown.items())
+        eta_text = _format_duration(eta)
         if self.is_tty:
             width = 20
             filled = int(width * step / max(1, self.total_steps))

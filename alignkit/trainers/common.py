@@ -29,7 +29,7 @@ from alignkit.data import (
     pad_collate,
     tokenize_dataset,
 )
-from alignkit.engine import DistInfo, Engine, StepBatches, init_distributed
+from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable, init_distributed
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError, DataError
 from alignkit.losses.lm import causal_lm_loss
@@ -200,22 +200,22 @@ def lm_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tens
     return logits, batch.labels[targets]
 
 
-def lm_loss(model: nn.Module, batch: Batch, num_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def lm_loss(models: Models, batch: Batch, num_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """The engine's loss_fn for pretraining and SFT: summed token NLL / the step's global target count."""
-    logits, labels = lm_forward(model, batch)
+    logits, labels = lm_forward(models["model"], batch)
     loss, _ = causal_lm_loss(logits, labels, num_tokens=num_tokens)
     return loss, {}
 
 
 def lm_eval_fn(items: list[Any], collate: Callable[[list[Any]], Batch], batch_size: int, info: DistInfo
-               ) -> Callable[[nn.Module], dict[str, float]]:
+               ) -> Callable[[Models], dict[str, float]]:
     """Held-out loss (mean NLL per target token over all ranks) and perplexity = exp(loss)."""
     mine = items[info.rank :: info.world_size]
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
+    def evaluate(models: Models) -> dict[str, float]:
         totals = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), batch_size):
-            logits, labels = lm_forward(model, collate(mine[start : start + batch_size]))
+            logits, labels = lm_forward(models["model"], collate(mine[start : start + batch_size]))
             nll_sum, _ = causal_lm_loss(logits, labels, num_tokens=1)
             totals += torch.tensor([float(nll_sum), labels.numel()], dtype=torch.float64)
         dist.all_reduce_sum(totals)
@@ -252,7 +252,7 @@ def train_language_model(
     eval_examples: list[TokenizedExample],
     info: DistInfo,
     *,
-    loss_fn: Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, Any]]] = lm_loss,
+    loss_fn: Callable[[Models, Batch, int], tuple[torch.Tensor, dict[str, Any]]] = lm_loss,
 ) -> RunResult:
     """The shared body of pretraining and SFT once data and model are ready: batch, train, export."""
     items, collate = batching(train_examples, cfg.data, tokenizer)
@@ -267,8 +267,8 @@ def train_language_model(
     run_dir = prepare_run_dir(cfg, info)
     if info.is_main:
         tokenizer.save(run_dir / "tokenizer")
-    engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
-                    config_dict=config_to_dict(cfg))
+    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
+                    dist_info=info, config_dict=config_to_dict(cfg))
     metrics = engine.train(batches, loss_fn, eval_fn=eval_fn)
     final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alignkit.engine.config import OptimSection, TrainSection
 from alignkit.errors import ConfigError
 
 
@@ -60,75 +61,6 @@ class DataSection:
             raise ConfigError(f"data.eval_fraction must be in [0, 1); got {self.eval_fraction}.")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be at least 2; got {self.max_length}.")
-
-
-@dataclass
-class OptimSection:
-    # Peak learning rate (AdamW).
-    lr: float = 1e-5
-    # Decoupled weight decay, applied to matrices only (not biases, norms or embeddings).
-    weight_decay: float = 0.0
-    # AdamW (beta1, beta2).
-    betas: tuple[float, float] = (0.9, 0.999)
-    # AdamW epsilon.
-    eps: float = 1e-8
-    # Steps of linear warmup from 0 to lr.
-    warmup_steps: int = 0
-    # Decay after warmup: cosine or linear down to min_lr_ratio * lr, or constant.
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    # Final learning rate as a fraction of lr.
-    min_lr_ratio: float = 0.0
-    # Clip the global gradient norm to this value (0 or null disables clipping; the norm is logged either way).
-    max_grad_norm: float | None = 1.0
-
-
-@dataclass
-class TrainSection:
-    # Sequences per optimizer step, summed over micro-batches and processes (the global batch).
-    batch_size: int = 8
-    # Sequences per forward/backward on each process; batch_size / (micro_batch_size * processes) accumulate.
-    micro_batch_size: int = 8
-    # Optimizer steps to run; when unset, `epochs` passes over the training data.
-    max_steps: int | None = None
-    # Passes over the training data (used when max_steps is unset).
-    epochs: float = 1.0
-    # fp32, or bf16 autocast with fp32 master weights.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    # Seed for initialisation, data order and dropout.
-    seed: int = 0
-    # Write a metrics.jsonl row every log_every steps.
-    log_every: int = 1
-    # Evaluate held-out loss every eval_every steps (0: only at the end).
-    eval_every: int = 0
-    # Also evaluate before the first step (logged as step 0), to see where training starts.
-    eval_on_start: bool = False
-    # Save a resumable checkpoint every save_every steps (0: only at the end).
-    save_every: int = 0
-    # Keep the newest keep_last checkpoints and delete older ones.
-    keep_last: int = 2
-    # Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, final/.
-    output_dir: str = "runs/run"
-    # Continue from the newest complete checkpoint in output_dir.
-    resume: bool = False
-    # Where to send metrics besides metrics.jsonl: tensorboard, wandb, trackio.
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
-    # Distributed wrapper under torchrun: ddp (replicated weights) or fsdp2 (sharded, GPU).
-    strategy: Literal["ddp", "fsdp2"] = "ddp"
-    # Device: auto (cuda when available), cpu or cuda.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Worker threads for CPU compute (0: torch's default).
-    num_threads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise ConfigError("train.batch_size and train.micro_batch_size must be positive.")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
-                f"{self.micro_batch_size}; the global batch is split into equal micro-batches."
-            )
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every must be at least 1; got {self.log_every}.")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch import nn
 
 from alignkit.config import config_to_dict
 from alignkit.data import SharedPromptBatch
-from alignkit.engine import DistInfo, Engine, StepBatches, autocast
+from alignkit.engine import DistInfo, Engine, Frozen, Models, StepBatches, Trainable, autocast
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError
 from alignkit.losses import (
@@ -227,6 +227,15 @@ class LikelihoodMonitor:
         self._seen = 0
         self.step = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The streak and the warnings so far: a resumed run warns exactly when the uninterrupted one would."""
+        return {"history": list(self.history), "warned": self.warned, "warnings": list(self.warnings),
+                "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((bool(v) for v in state["history"]), maxlen=self.window)
+        self.warned, self.warnings, self.step = bool(state["warned"]), list(state["warnings"]), int(state["step"])
+
     def observe(self, chosen_delta: torch.Tensor, rejected_delta: torch.Tensor) -> None:
         """Per-pair deltas [B] of one micro-batch."""
         self._sums[0] += float(chosen_delta.sum())
@@ -291,10 +300,10 @@ def pair_logps(model: nn.Module, micro: PairMicroBatch, reference: Reference | N
 
 def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None, device: torch.device,
                  monitor: LikelihoodMonitor | None
-                 ) -> Callable[[nn.Module, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
-    def loss_fn(model: nn.Module, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                 ) -> Callable[[Models, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
+    def loss_fn(models: Models, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
         micro = micro.to(device)
-        logps, logits = pair_logps(model, micro, reference)
+        logps, logits = pair_logps(models["model"], micro, reference)
         losses, metrics = preference_loss(logps)  # [B] per-pair losses
         assert logps.chosen_lengths is not None
         num_chosen_tokens = int(logps.chosen_lengths.sum())
@@ -312,16 +321,16 @@ def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None,
 
 def make_eval_fn(items: list[PairItem], collate: Callable[[list[PairItem]], PairMicroBatch], batch_size: int,
                  info: DistInfo, preference_loss: PreferenceLossFn, reference: Reference | None
-                 ) -> Callable[[nn.Module], dict[str, float]]:
+                 ) -> Callable[[Models], dict[str, float]]:
     """Held-out loss and the training metrics (rewards/accuracies, margins, log-probs, deltas), pair-weighted."""
     mine = items[info.rank :: info.world_size]
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
+    def evaluate(models: Models) -> dict[str, float]:
         sums: dict[str, float] = {}
         pairs = 0
         for start in range(0, len(mine), batch_size):
             micro = collate(mine[start : start + batch_size]).to(info.device)
-            logps, _ = pair_logps(model, micro, reference)
+            logps, _ = pair_logps(models["model"], micro, reference)
             losses, metrics = preference_loss(logps)
             metrics = {"loss": losses.float().mean(), **metrics}
             if logps.reference_chosen is not None:
@@ -382,12 +391,17 @@ def train(cfg: DPOConfig) -> RunResult:
     if info.is_main:
         tokenizer.save(run_dir / "tokenizer")
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
-    engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
-                    num_tokens_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
+    reference = build_reference(cfg, model, info.device) if needs_reference else None
+    # A separate reference model used during training is frozen in the engine (its source is checked on resume);
+    # a LoRA reference is the policy with its adapters disabled, and a precomputed one is gone before step 1.
+    frozen = {}
+    if reference is not None and not reference.adapter_disabled and not cfg.reference.precompute:
+        frozen["reference"] = Frozen(reference.model, source=reference.description)
+    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
+                    frozen=frozen, dist_info=info, count_fn=count_pairs, count_unit="pairs",
+                    config_dict=config_to_dict(cfg))
 
-    reference: Reference | None = None
-    if needs_reference:
-        reference = build_reference(cfg, model, info.device)
+    if reference is not None:
         if cfg.reference.precompute:
             precompute_reference({"train": data.train, "eval": data.eval}, reference, collate, run_dir=run_dir,
                                  batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision, info=info)
@@ -399,7 +413,7 @@ def train(cfg: DPOConfig) -> RunResult:
     eval_fn = None
     if data.eval:
         eval_fn = make_eval_fn(data.eval, collate, cfg.train.micro_batch_size, info, preference_loss, reference)
-    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn)
+    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state={"likelihood_monitor": monitor})
     if info.is_main and monitor.warnings:
         (run_dir / "warnings.txt").write_text("".join(w + "\n" for w in monitor.warnings))
     final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)

@@ -64,7 +64,7 @@ class PairMicroBatch:
 
 
 def count_pairs(micro_batch: PairMicroBatch) -> int:
-    """The engine's `num_tokens_fn` for preference stages: losses are averaged over pairs, not tokens."""
+    """The engine's `count_fn` for preference stages: losses are averaged over pairs, not tokens."""
     return micro_batch.num_pairs
 
 

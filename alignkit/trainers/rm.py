@@ -20,7 +20,7 @@ from torch import nn
 from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
 from alignkit.config import config_to_dict
 from alignkit.data import SharedPromptBatch
-from alignkit.engine import DistInfo, Engine, StepBatches
+from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable
 from alignkit.engine import distributed as dist
 from alignkit.losses import bradley_terry_loss
 from alignkit.model import LlamaForCausalLM
@@ -117,10 +117,10 @@ def pair_rewards(model: nn.Module, micro: PairMicroBatch) -> tuple[torch.Tensor,
 
 
 def make_loss_fn(center_rewards_coefficient: float, device: torch.device
-                 ) -> Callable[[nn.Module, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
-    def loss_fn(model: nn.Module, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                 ) -> Callable[[Models, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
+    def loss_fn(models: Models, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
         micro = micro.to(device)
-        chosen, rejected = pair_rewards(model, micro)
+        chosen, rejected = pair_rewards(models["model"], micro)
         loss, metrics = bradley_terry_loss(chosen, rejected, margin=micro.margin,
                                            center_rewards_coefficient=center_rewards_coefficient)
         # bradley_terry_loss averages over this micro-batch; the engine wants the sum over the step's pairs.
@@ -130,16 +130,16 @@ def make_loss_fn(center_rewards_coefficient: float, device: torch.device
 
 
 def make_eval_fn(items: list[PairItem], collate: Callable[[list[PairItem]], PairMicroBatch], batch_size: int,
-                 info: DistInfo, center_rewards_coefficient: float) -> Callable[[nn.Module], dict[str, float]]:
+                 info: DistInfo, center_rewards_coefficient: float) -> Callable[[Models], dict[str, float]]:
     """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward over all ranks."""
     mine = items[info.rank :: info.world_size]
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
+    def evaluate(models: Models) -> dict[str, float]:
         # Sums of: loss, correct, margin, reward (chosen + rejected), pairs.
         totals = torch.zeros(5, dtype=torch.float64)
         for start in range(0, len(mine), batch_size):
             micro = collate(mine[start : start + batch_size]).to(info.device)
-            chosen, rejected = pair_rewards(model, micro)
+            chosen, rejected = pair_rewards(models["model"], micro)
             loss, _ = bradley_terry_loss(chosen, rejected, margin=micro.margin,
                                          center_rewards_coefficient=center_rewards_coefficient)
             n = micro.num_pairs
@@ -181,8 +181,8 @@ def train(cfg: RMConfig) -> RunResult:
     if info.is_main:
         tokenizer.save(run_dir / "tokenizer")
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
-    engine = Engine(model, cfg.train, cfg.optim, run_dir=run_dir, total_steps=steps, dist_info=info,
-                    num_tokens_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
+    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
+                    dist_info=info, count_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
     metrics = engine.train(batches, make_loss_fn(coefficient, info.device), eval_fn=eval_fn)
     final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

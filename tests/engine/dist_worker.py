@@ -9,9 +9,18 @@ from typing import Any
 
 import torch
 
-from alignkit.engine import DistInfo, Engine, close_distributed, init_distributed
+from alignkit.engine import (
+    DistInfo,
+    Engine,
+    Trainable,
+    close_distributed,
+    init_distributed,
+    maximum,
+    minimum,
+    total,
+)
 from alignkit.engine import distributed as dist
-from alignkit.trainers.configs import OptimSection, TrainSection
+from alignkit.engine.config import OptimSection, TrainSection
 from tests.engine.helpers import examples, lm_loss, step_batches, tiny_model
 
 
@@ -48,10 +57,11 @@ def main() -> None:
     torch.set_num_threads(1)
     info = join_one_rank_group(args.device) if args.group else init_distributed(args.device)
     cfg = TrainSection(batch_size=8, micro_batch_size=args.micro, save_every=args.save_every, report_to=[],
-                       resume=args.resume, strategy=args.strategy, device=args.device)
+                       resume=args.resume, strategy=args.strategy, device=args.device, peak_flops=1e12)
     model = tiny_model(0 if not args.resume else 99).to(info.device)
-    engine = Engine(model, cfg, OptimSection(lr=1e-2, warmup_steps=2, weight_decay=0.1), run_dir=Path(args.run_dir),
-                    total_steps=args.steps, dist_info=info, stream=open(os.devnull, "w"))  # noqa: SIM115
+    optim = OptimSection(lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    engine = Engine({"model": Trainable(model, optim)}, cfg, run_dir=Path(args.run_dir), total_steps=args.steps,
+                    dist_info=info, stream=open(os.devnull, "w"))  # noqa: SIM115
     batches = step_batches(examples(), cfg, info=info)
     if args.kill_at:
         original = batches.__class__.__iter__
@@ -64,8 +74,11 @@ def main() -> None:
 
         batches.__class__.__iter__ = dying  # type: ignore[method-assign]
 
-    def loss_on_device(model: torch.nn.Module, batch: Any, num_tokens: int) -> Any:
-        return lm_loss(model, batch.to(info.device), num_tokens)
+    def loss_on_device(models: Any, batch: Any, num_tokens: int) -> Any:
+        loss, metrics = lm_loss(models, batch.to(info.device), num_tokens)
+        # Reductions across ranks: the largest and smallest rank, and the micro-batches of the whole step.
+        return loss, {**metrics, "rank_max": maximum(info.rank), "rank_min": minimum(info.rank),
+                      "micro_batches": total(1)}
 
     engine.train(batches, loss_on_device)
     if dist.is_initialized():

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from alignkit.data import Batch, TokenizedExample, pad_collate
-from alignkit.engine import DistInfo, Engine, StepBatches
+from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable
+from alignkit.engine.config import OptimSection, TrainSection
 from alignkit.losses.lm import causal_lm_loss
 from alignkit.model import LlamaForCausalLM, ModelConfig
-from alignkit.trainers.configs import OptimSection, TrainSection
 
 
 def tiny_model(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
@@ -40,9 +40,9 @@ def examples(n: int = 32, seed: int = 1) -> list[TokenizedExample]:
     return out
 
 
-def lm_loss(model: torch.nn.Module, batch: Batch, num_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def lm_loss(models: Models, batch: Batch, num_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
     mask = batch.labels != -100
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_mask=mask)
+    logits = models["model"](batch.input_ids, attention_mask=batch.attention_mask, logits_mask=mask)
     loss, metrics = causal_lm_loss(logits, batch.labels[mask], num_tokens=num_tokens)
     return loss, {"token_accuracy": (logits.argmax(-1) == batch.labels[mask]).float().mean()}
 
@@ -58,9 +58,9 @@ def step_batches(items: list[TokenizedExample], cfg: TrainSection, *, info: Dist
 def run(run_dir: Path, *, total_steps: int = 6, model_seed: int = 0, loss_fn: Any = lm_loss,
         batches: Any = None, info: DistInfo | None = None, optim: OptimSection | None = None,
         **train: Any) -> tuple[Engine, list[dict]]:
-    cfg = TrainSection(**{"batch_size": 8, "micro_batch_size": 8, "report_to": [], **train})
+    cfg = TrainSection(**{"batch_size": 8, "micro_batch_size": 8, "report_to": [], "peak_flops": 1e12, **train})
     optim = optim or OptimSection(lr=1e-2, warmup_steps=2, weight_decay=0.1, max_grad_norm=1.0)
-    engine = Engine(tiny_model(model_seed), cfg, optim, run_dir=run_dir, total_steps=total_steps, dist_info=info,
-                    stream=open("/dev/null", "w"))  # noqa: SIM115
+    engine = Engine({"model": Trainable(tiny_model(model_seed), optim)}, cfg, run_dir=run_dir,
+                    total_steps=total_steps, dist_info=info, stream=open("/dev/null", "w"))  # noqa: SIM115
     rows = engine.train(batches if batches is not None else step_batches(examples(), cfg, info=info), loss_fn)
     return engine, rows

@@ -35,6 +35,9 @@ def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
     one, two = rows(tmp_path / "single"), rows(tmp_path / "double")
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
     assert two[-1]["loss"] < two[0]["loss"]
+    # Per-metric reductions over ranks: the extremes over both ranks, the sum over all micro-batches (2 either way).
+    assert {(r["rank_min"], r["rank_max"], r["micro_batches"]) for r in one} == {(0, 0, 2)}
+    assert {(r["rank_min"], r["rank_max"], r["micro_batches"]) for r in two} == {(0, 1, 2)}
     for a, b in zip(one, two):
         assert a["num_tokens"] == b["num_tokens"]
         for key in ("loss", "grad_norm", "token_accuracy"):
@@ -51,3 +54,22 @@ def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
     for a, b in zip(two, again):
         for key in ("loss", "grad_norm", "lr"):
             assert a[key] == b[key], (a["step"], key)
+
+
+def test_generation_under_fsdp2_uses_the_full_weights(tmp_path: Path) -> None:
+    """engine.generation_model all-gathers FSDP2 shards for the rollout: greedy tokens equal the plain model's on
+    every rank, and the parameters are sharded again (and back in training mode) afterwards."""
+    from alignkit.generation import SamplingParams, generate
+    from tests.engine.generation_worker import PROMPTS
+    from tests.engine.helpers import tiny_model
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tests.engine.generation_worker", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [c.token_ids for c in generate(tiny_model(0), PROMPTS, SamplingParams(
+        temperature=0, max_new_tokens=8, stop_token_ids=[]))]
+    for rank in (0, 1):
+        written = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert written == {"tokens": expected, "sharded_again": True, "training": True}

@@ -11,9 +11,9 @@ import torch
 
 from alignkit.engine import NonFiniteLossError, StepBatches, latest_checkpoint, lr_at, param_groups
 from alignkit.engine import checkpoint as ckpt
+from alignkit.engine.config import OptimSection, TrainSection
 from alignkit.engine.optim import build_optimizer
 from alignkit.errors import ConfigError
-from alignkit.trainers.configs import OptimSection, TrainSection
 from tests.engine.helpers import examples, lm_loss, run, step_batches, tiny_model
 
 COMPARED = ("loss", "grad_norm", "lr")
@@ -28,18 +28,18 @@ def test_accumulation_1x8_equals_8x1(tmp_path: Path) -> None:
     grads: dict[int, list[dict[str, torch.Tensor]]] = {1: [], 8: []}
     rows = {}
     for micro in (8, 1):
-        cfg = TrainSection(batch_size=8, micro_batch_size=micro, report_to=[])
-        from alignkit.engine import Engine
+        cfg = TrainSection(batch_size=8, micro_batch_size=micro, report_to=[], peak_flops=1e12)
+        from alignkit.engine import Engine, Trainable
 
-        engine = Engine(tiny_model(), cfg, OptimSection(lr=1e-2), run_dir=tmp_path / f"m{micro}", total_steps=3,
-                        stream=open("/dev/null", "w"))  # noqa: SIM115
-        original = engine.optimizer.step
+        engine = Engine({"model": Trainable(tiny_model(), OptimSection(lr=1e-2))}, cfg, run_dir=tmp_path / f"m{micro}",
+                        total_steps=3, stream=open("/dev/null", "w"))  # noqa: SIM115
+        original = engine.optimizers["model"].step
 
         def capture(*args: object, _micro: int = micro, _engine=engine, _orig=original, **kw: object) -> object:
-            grads[_micro].append({n: p.grad.clone() for n, p in _engine.model.named_parameters()})
+            grads[_micro].append({n: p.grad.clone() for n, p in _engine.modules["model"].named_parameters()})
             return _orig(*args, **kw)
 
-        engine.optimizer.step = capture  # type: ignore[method-assign]
+        engine.optimizers["model"].step = capture  # type: ignore[method-assign]
         rows[micro] = engine.train(step_batches(examples(), cfg), lm_loss)
     assert [r["step"] for r in rows[1]] == [1, 2, 3]
     for a, b in zip(rows[8], rows[1]):
@@ -52,9 +52,9 @@ def test_accumulation_1x8_equals_8x1(tmp_path: Path) -> None:
             assert torch.allclose(g8[name], g1[name], atol=1e-5, rtol=1e-4), name
 
 
-def _noisy_loss(model: torch.nn.Module, batch: object, num_tokens: int) -> tuple[torch.Tensor, dict]:
+def _noisy_loss(models: object, batch: object, num_tokens: int) -> tuple[torch.Tensor, dict]:
     # Draws from the torch RNG every step, so a resume that did not restore the RNG would diverge.
-    loss, metrics = lm_loss(model, batch, num_tokens)  # type: ignore[arg-type]
+    loss, metrics = lm_loss(models, batch, num_tokens)  # type: ignore[arg-type]
     return loss * (1 + 0.1 * torch.rand(())), metrics
 
 
@@ -121,6 +121,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(tmp_path: Path, mon
     root = tmp_path / "crash" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step_000004", "step_000002"]
     assert (root / ".tmp-step_000004" / "model.safetensors").exists()
+    assert (root / ".tmp-step_000004" / "model.optimizer.pt").exists()
     assert latest_checkpoint(tmp_path / "crash").name == "step_000002"
     _, resumed = run(tmp_path / "crash", total_steps=6, resume=True, model_seed=7, **common)
     assert not (root / ".tmp-step_000004").exists()
@@ -138,9 +139,9 @@ def test_existing_checkpoints_without_resume_refuse_to_overwrite(tmp_path: Path)
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     calls = {"n": 0}
 
-    def exploding(model: torch.nn.Module, batch: object, num_tokens: int) -> tuple[torch.Tensor, dict]:
+    def exploding(models: object, batch: object, num_tokens: int) -> tuple[torch.Tensor, dict]:
         calls["n"] += 1
-        loss, metrics = lm_loss(model, batch, num_tokens)  # type: ignore[arg-type]
+        loss, metrics = lm_loss(models, batch, num_tokens)  # type: ignore[arg-type]
         return (loss * math.inf if calls["n"] == 5 else loss), metrics
 
     with pytest.raises(NonFiniteLossError, match=r"Step 5: the loss is inf.*step_000004"):
@@ -187,6 +188,6 @@ def test_weight_decay_groups_exclude_biases_norms_embeddings() -> None:
 
 def test_bf16_autocast_lowers_loss_with_fp32_master_weights(tmp_path: Path) -> None:
     engine, rows = run(tmp_path, total_steps=20, precision="bf16", optim=OptimSection(lr=1e-2, max_grad_norm=1.0))
-    assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+    assert all(p.dtype == torch.float32 for p in engine.modules["model"].parameters())
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
     assert math.isclose(rows[0]["loss"], math.log(64), rel_tol=0.05)  # near-uniform at init
