@@ -124,7 +124,7 @@ def tokenize_dataset(
     *,
     format: str,
     max_length: int,
-    truncation: str = "right",
+    truncation: str | None = None,
     source: str = "",
     text_field: str = "text",
     stats: dict[str, int] | None = None,
@@ -135,13 +135,14 @@ def tokenize_dataset(
         "auto" (detected from the first record's keys).
     truncation: "right" cut the end; "left" cut the start of the prompt and keep the (last) response;
         "error" raise naming the record and its length; "drop" skip it; "split" (text only) cut a long
-        document into consecutive max_length chunks.
+        document into consecutive max_length chunks. None: "split" for raw text (every pretraining pipeline
+        chunks documents; discarding the rest of a document takes an explicit "right"), "right" otherwise.
     stats: an optional dict that receives counts: examples, truncated, dropped_too_long, dropped_no_targets.
     Examples left without any target token (a prompt that fills max_length under "right") are dropped and counted.
     """
     if format not in SFT_FORMATS:
         raise ConfigError(f"data format {format!r} is not one of {', '.join(SFT_FORMATS)} for SFT / pretraining.")
-    if truncation not in TRUNCATIONS:
+    if truncation is not None and truncation not in TRUNCATIONS:
         raise ConfigError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}.")
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}.")
@@ -154,6 +155,8 @@ def tokenize_dataset(
                 f"{source or 'the dataset'} holds preference pairs (chosen / rejected); train it with a preference "
                 "stage (rm, dpo), or give SFT data with instruction / messages / text keys."
             )
+    if truncation is None:
+        truncation = "split" if format == "text" else "right"
     if truncation == "split" and format != "text":
         raise ConfigError(f"truncation 'split' only applies to format 'text', not {format!r}; use 'right' or 'left'.")
     counts = {"examples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_targets": 0}

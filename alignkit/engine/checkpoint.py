@@ -1,35 +1,41 @@
-"""Resumable training checkpoints: `run_dir/checkpoints/step_000100/{<name>.safetensors, <name>.optimizer.pt,
-state.json}` for each trainable model `<name>` of the engine (`model` for the single-model stages).
+"""Resumable training checkpoints through `torch.distributed.checkpoint` (DCP):
+`run_dir/checkpoints/step_000100/{<name>/, state.json}` for each trainable model `<name>` of the engine (`model`
+for the single-model stages).
 
-Each checkpoint is written into `checkpoints/.tmp-step_000100` and renamed into place with one `os.replace`, so a
-process killed mid-write leaves a `.tmp-` folder that is ignored, and the previous checkpoint stays the latest.
-`state.json` is written last; a directory without it is never treated as complete.
-
-- <name>.safetensors: the model's trainable parameters (all of them for full fine-tuning, the adapters for LoRA;
-  frozen weights, and frozen models such as a reference, come back from where the trainer loads them).
-- <name>.optimizer.pt: `optimizer.state_dict()`, plain tensors and numbers, loaded with
-  `torch.load(weights_only=True)`.
+- <name>/: the model's trainable parameters (all of them for full fine-tuning, the adapters for LoRA) and its
+  AdamW state, as a DCP checkpoint: each rank writes its own shards (FSDP2) or rank 0 the replicated tensors
+  (one process, DDP), keyed by parameter name, so a run resumes at any world size and with either strategy. Frozen
+  weights, and frozen models such as a reference, come back from where the trainer loads them.
 - state.json: the step, each optimizer's own step count, elapsed time, the state of every registered step source
   and trainer object (the data position, a KL controller, running statistics, a sampler's generator), the frozen
   models' sources, and every RNG state (python, numpy, torch CPU, CUDA) of every rank, so dropout and sampling
-  continue exactly where they stopped. Tensors in those states are stored as base64 (never pickled).
+  continue exactly where they stopped. Tensors in those states are stored as base64.
+
+Nothing here unpickles arbitrary code: DCP's `.metadata` file is a pickle, and it is read with an unpickler that
+only builds DCP's own metadata classes (`SafeFileSystemReader`).
+
+Each checkpoint is written into `checkpoints/.tmp-step_000100` and renamed into place with one `os.replace` once
+every rank has written its shards and rank 0 has written state.json, so a process killed at any point of a save
+leaves a `.tmp-` folder that is ignored (and deleted on resume), and the previous checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignkit.errors import CheckpointError
@@ -40,11 +46,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters lists a tied weight once, which safetensors requires (it refuses shared storage).
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -73,6 +74,31 @@ def restore_rng(state: dict[str, Any]) -> None:
         )
 
 
+def _trainable_names(model: nn.Module) -> set[str]:
+    # named_parameters lists a tied weight once (under the embedding's name); its twin follows it on load.
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """What DCP saves or loads in place for one model: its trainable tensors and, once it has any, its AdamW state
+    (an optimizer that has not stepped has none, and reading it would make one up with a fake step)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    trainable = _trainable_names(model)
+    state: dict[str, Any] = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in trainable}}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -81,24 +107,40 @@ def save_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer],
     state: dict[str, Any],
     keep_last: int = 2,
+    is_main: bool = True,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last` complete ones (call on rank 0)."""
+    """Write checkpoint `step` atomically and delete all but the newest `keep_last` complete ones.
+
+    Collective under torch.distributed: every rank calls it with its own shards; rank 0 (`is_main`) writes
+    state.json and renames the folder into place after every rank has written.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from alignkit.engine import distributed as dist
+
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
     for name, model in models.items():
-        save_file(trainable_state(model), str(tmp / f"{name}.safetensors"))
-        torch.save(optimizers[name].state_dict(), tmp / f"{name}.optimizer.pt")
-    _write_state(tmp / "state.json", {"step": step, **state})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        optimizer = optimizers[name] if optimizers[name].state else None
+        with _single_process_quiet():
+            dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp / name)),
+                     no_dist=not dist.is_initialized())
+    dist.barrier()
+    if is_main:
+        _write_state(tmp / "state.json", {"step": step, **state})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -143,34 +185,87 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 def load_model_state(path: str | Path, name: str, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                      device: torch.device) -> None:
-    """Load trainable model `name`'s weights (and optimizer state) from a checkpoint folder into `model`."""
-    path = Path(path)
-    weights_path = path / f"{name}.safetensors"
+    """Load trainable model `name`'s tensors (and optimizer state, when it has any) from a checkpoint folder into
+    `model`, resharded for this run's world size and strategy (collective under torch.distributed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from alignkit.engine import distributed as dist
+
+    folder = Path(path) / name
+    reader = SafeFileSystemReader(str(folder))
     try:
-        weights = load_file(str(weights_path), device=str(device))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"Checkpoint {weights_path} cannot be read ({e}); delete {path} to resume from an "
-                              "older checkpoint.") from None
-    expected = trainable_state(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(dict(model.named_parameters())))
+        stored = reader.read_metadata().state_dict_metadata
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointError(f"Checkpoint {folder} cannot be read ({e}); delete {path} to resume from an older "
+                              "checkpoint.") from None
+    has_optimizer = any(key.startswith("optim.") for key in stored)
+    state = _dcp_state(model, optimizer if has_optimizer else None)
+    saved = {key[len("model."):]: meta for key, meta in stored.items() if key.startswith("model.")}
+    missing, unexpected = sorted(set(state["model"]) - set(saved)), sorted(set(saved) - set(state["model"]))
     if missing or unexpected:
         raise CheckpointError(
-            f"Checkpoint {weights_path} does not match model {name!r} being trained "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model and lora settings."
+            f"Checkpoint {folder} does not match model {name!r} being trained (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); resume with the same model and lora settings."
         )
-    params = dict(model.named_parameters())
-    for key, tensor in weights.items():
-        if params[key].shape != tensor.shape:
+    for key, tensor in state["model"].items():
+        if tuple(saved[key].size) != tuple(tensor.shape):
             raise CheckpointError(
-                f"Checkpoint {weights_path}: tensor {key} has shape {tuple(tensor.shape)}, model {name!r} "
-                f"expects {tuple(params[key].shape)}; resume with the same model config."
+                f"Checkpoint {folder}: tensor {key} has shape {tuple(saved[key].size)}, model {name!r} expects "
+                f"{tuple(tensor.shape)}; resume with the same model config."
             )
-    with torch.no_grad():
-        for key, tensor in weights.items():
-            params[key].copy_(tensor)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / f"{name}.optimizer.pt", map_location=device, weights_only=True))
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None and has_optimizer:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what DCP's metadata holds: its own dataclasses, torch.Size and dtypes, plain containers."""
+
+    _BUILTINS = {"set", "frozenset", "slice", "bytearray", "complex", "object"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "builtins" and name in self._BUILTINS)
+            or (module == "enum" and name == "Enum")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader
+
+
+def SafeFileSystemReader(path: str) -> Any:  # noqa: N802 (a class built on first use: DCP imports are slow)
+    """DCP's FileSystemReader with a metadata unpickler that cannot run arbitrary code."""
+    return _safe_reader_class()(path)
 
 
 def encode_state(value: Any) -> Any:

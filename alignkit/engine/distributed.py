@@ -173,5 +173,13 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
             module.set_reshard_after_forward(True, recurse=False)
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` whole, on rank 0's CPU (an empty dict on the other ranks): FSDP2's shards gathered
+    (collective), DDP's replicas as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

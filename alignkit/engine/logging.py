@@ -50,7 +50,8 @@ class MetricsLogger:
         self._wandb: Any = None
         self._trackio: Any = None
         self._start = time.perf_counter()
-        self._start_step: int | None = None
+        # The step the run starts from (the resumed checkpoint's): the ETA's rate counts steps done since then.
+        self.start_step = 0
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,10 +100,8 @@ class MetricsLogger:
         if step == 0:  # the evaluation before training
             self.message("before training: " + " ".join(f"{k}={_format_value(v)}" for k, v in row.items() if k != "step"))
             return
-        if self._start_step is None:
-            # The logger is created when the loop starts: the first step's time runs from then.
-            self._start_step = step - 1
-        done = step - self._start_step
+        # The logger is created when the loop starts: the first logged step's time runs from then.
+        done = step - self.start_step
         rate = done / max(time.perf_counter() - self._start, 1e-9)
         eta = (self.total_steps - step) / rate
         shown = {k: v for k, v in row.items()

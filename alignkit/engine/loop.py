@@ -198,17 +198,21 @@ class Engine:
     # ------------------------------------------------------------------------------------------ the loop
 
     def train(self, batches: Iterable[list[Any]], loss_fn: LossFn, *, eval_fn: EvalFn | None = None,
-              state: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+              state: Mapping[str, Any] | None = None,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """One optimizer step per iteration over `batches` until total_steps: the supervised stages' loop.
 
         `batches` must be resumable (`state_dict` / `load_state_dict`, like `StepBatches`); `state` adds other
-        objects to checkpoint. Returns the metrics rows (all of metrics.jsonl on rank 0).
+        objects to checkpoint; `on_step(row)` sees every step's reduced metrics row (with its `step`), logged or not.
+        Returns the metrics rows (all of metrics.jsonl on rank 0).
         """
         self.start(data=batches, **(state or {}))
         stream = iter(batches)
         self.log(self.evaluate_if_due(eval_fn))
-        for _ in self.iterations():
+        for iteration in self.iterations():
             row = self.step(next(stream), loss_fn)
+            if on_step is not None:
+                on_step({"step": iteration, **row})
             row.update(self.evaluate_if_due(eval_fn))
             self.log(row)
             self.save_if_due()
@@ -230,6 +234,7 @@ class Engine:
         )
         if self.cfg.resume:
             self._resume()
+        self._logger.start_step = self.iteration
         self._window_start = time.perf_counter()
         self.flops.take()  # setup forwards (a reference precompute) are not part of the first window
         return self.iteration
@@ -396,15 +401,12 @@ class Engine:
             return self.save()
         return None
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
         """Write a checkpoint of the current iteration (collective: every rank must call it)."""
         gathered = dist.all_gather_object({
             "rng": capture_rng(),
             "stateful": {name: encode_state(obj.state_dict()) for name, obj in self._stateful.items()},
         })
-        if not self.dist.is_main:
-            dist.barrier()
-            return None
         state = {
             "elapsed_s": self.elapsed + (time.perf_counter() - self._iteration_start),
             "total_steps": self.total_steps,
@@ -416,9 +418,9 @@ class Engine:
             "rng": [g["rng"] for g in gathered],  # type: ignore[index]
         }
         path = save_checkpoint(self.run_dir, self.iteration, models={n: dist.unwrap(w) for n, w in self.wrapped.items()},
-                               optimizers=self.optimizers, state=state, keep_last=self.cfg.keep_last)
+                               optimizers=self.optimizers, state=state, keep_last=self.cfg.keep_last,
+                               is_main=self.dist.is_main)
         self.last_checkpoint = path
-        dist.barrier()
         return path
 
     # ------------------------------------------------------------------------------------------ generation
@@ -452,8 +454,9 @@ class Engine:
         state = read_state(path)
         self._check_resumable(path, state)
         for name in self.trainables:
-            load_model_state(path, name, model=dist.unwrap(self.wrapped[name]), optimizer=self.optimizers[name],
-                             device=self.dist.device)
+            saved_steps = int(state["optimizer_steps"][name])
+            load_model_state(path, name, model=dist.unwrap(self.wrapped[name]),
+                             optimizer=self.optimizers[name] if saved_steps else None, device=self.dist.device)
         self.iteration = int(state["step"])
         self.optimizer_steps = {name: int(state["optimizer_steps"][name]) for name in self.trainables}
         self.elapsed = float(state.get("elapsed_s", 0.0))

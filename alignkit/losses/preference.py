@@ -228,8 +228,18 @@ def nll_chosen(logps: PreferenceLogps) -> tuple[torch.Tensor, Metrics]:
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, switching formula at -ln 2 to avoid cancellation (Maechler 2012)."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, switching formula at -ln 2 to avoid cancellation (Maechler 2012).
+
+    Each branch gets an input inside its own range, so the branch torch.where does not pick never produces an
+    inf whose zero-weighted gradient would still be NaN; x is kept below -eps, so an average log-prob that rounds
+    to 0 (one logit leading by ~20 in fp32) gives a large but finite odds ratio instead of inf.
+    """
+    cut = -math.log(2)
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    small = x < cut
+    far = torch.log1p(-torch.exp(torch.where(small, x, torch.full_like(x, cut))))
+    near = torch.log(-torch.expm1(torch.where(small, torch.full_like(x, cut), x)))
+    return torch.where(small, far, near)
 
 
 def odds_ratio(logps: PreferenceLogps, *, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:

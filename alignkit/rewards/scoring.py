@@ -74,13 +74,19 @@ def load_reward_model(
 
 def last_token_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The reward of each right-padded row: the head's value at its last real token, in fp32 [B].
+    """The reward of each row: the head's value at its last real token, in fp32 [B]; right or left padding.
 
-    Right padding only follows the real tokens, so plain causal attention is exact for them and the fused causal
-    kernel stays available (no explicit mask).
+    Right padding (every row's real tokens first) only follows the real tokens, so plain causal attention is exact
+    for them and the fused causal kernel stays available (no explicit mask). Any other padding (left-padded rows,
+    as generation produces them) is masked out and the positions count from each row's first real token.
     """
-    values = model(input_ids, position_ids=position_ids)  # [B, T]
-    last = attention_mask.long().sum(-1) - 1
+    real = attention_mask.bool()
+    if bool((real.long().cummin(-1).values.bool() == real).all()):  # right padding
+        values = model(input_ids, position_ids=position_ids)  # [B, T]
+        last = real.long().sum(-1) - 1
+    else:
+        values = model(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        last = real.shape[1] - 1 - real.flip(-1).long().argmax(-1)  # index of each row's last real token
     return values.gather(1, last[:, None]).squeeze(1).float()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from typing import Any
 
 from alignkit.config import config_help, load_config
@@ -54,6 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     result = run(args.stage, cfg)
     # Only after success: after an error on one rank, a barrier would wait on ranks stuck in a collective.
     close_distributed()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for the run
     last = next((row for row in reversed(result.metrics) if "eval/loss" in row), None)
     summary = f" (eval loss {last['eval/loss']:.4f})" if last else ""
     print(f"Run finished{summary}: model in {result.final_model_dir}, metrics in {result.run_dir / 'metrics.jsonl'}")

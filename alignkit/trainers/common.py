@@ -270,22 +270,42 @@ def train_language_model(
     engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
                     dist_info=info, config_dict=config_to_dict(cfg))
     metrics = engine.train(batches, loss_fn, eval_fn=eval_fn)
-    final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
+    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
 
 
-def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: bool, base_model: str | None,
+def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRASection, base_model: str | None,
            info: DistInfo) -> Path:
-    """Full model -> final/ (HF format with the tokenizer). LoRA -> adapter/ (peft format) and the merged final/."""
+    """Full model -> final/ (HF format with the tokenizer). LoRA -> adapter/ (peft format) and the merged final/.
+
+    Collective: under FSDP2 the shards are gathered into one full copy on rank 0 first."""
     from alignkit.checkpoint import save_hf_model
 
     final = run_dir / "final"
-    if info.is_main:
-        if lora:
+    whole = unsharded_copy(model, lora, info)
+    if whole is not None:
+        if lora.enabled:
             from alignkit.model.lora import merge_lora, save_adapter
 
-            save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(base_model or ""))
-            merge_lora(model)
-        save_hf_model(model, final, tokenizer=tokenizer)  # type: ignore[arg-type]
+            save_adapter(whole, run_dir / "adapter", base_model_name_or_path=str(base_model or ""))
+            merge_lora(whole)
+        save_hf_model(whole, final, tokenizer=tokenizer)  # type: ignore[arg-type]
     dist.barrier()
     return final
+
+
+def unsharded_copy(model: nn.Module, lora: LoRASection, info: DistInfo) -> nn.Module | None:
+    """The model with whole tensors on rank 0 (None on the other ranks): the model itself, or under FSDP2 a new
+    CPU copy built from the gathered shards (collective), with the same LoRA layers."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model if info.is_main else None
+    state = dist.full_state_dict(model)
+    if not info.is_main:
+        return None
+    dtype = next(t.dtype for k, t in state.items() if "lora_" not in k)
+    whole = type(model)(model.config).to(dtype)  # type: ignore[operator]
+    add_lora(whole, lora)
+    whole.load_state_dict(state)
+    return whole

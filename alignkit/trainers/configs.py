@@ -39,8 +39,9 @@ class DataSection:
     format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
     # Longest sequence in tokens (prompt + response); longer examples are handled by `truncation`.
     max_length: int = 512
-    # Too-long examples: right (cut the end), left (cut the prompt start), drop, error, split (text only).
-    truncation: Literal["right", "left", "drop", "error", "split"] = "right"
+    # Too-long examples: right (cut the end), left (cut the prompt start), drop, error, split (text only: consecutive
+    # max_length chunks). null: split for raw text, right for everything else.
+    truncation: Literal["right", "left", "drop", "error", "split"] | None = None
     # Pack several examples into each max_length row (documents cannot attend to each other). For preference pairs
     # (rm, dpo): pack each pair with its prompt shared; null (their default) packs on a CPU and pads on a GPU, where
     # the padded batch keeps the fused causal attention kernel and is faster for small models.

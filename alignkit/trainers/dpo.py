@@ -209,44 +209,32 @@ def precompute_reference(
 class LikelihoodMonitor:
     """Warns once per episode when chosen and rejected log-probs both fall below the reference.
 
-    Rule: the step means of logps/chosen_delta and logps/rejected_delta (policy minus reference) are both
-    negative for `window` consecutive optimizer steps. The warning is printed again only after a step where
-    the condition broke and then held for another `window` steps.
+    Rule: the step's logps/chosen_delta and logps/rejected_delta (policy minus reference, the means over every pair
+    of the step on every rank, as logged) are both negative for `window` consecutive optimizer steps. The warning
+    is printed again only after a step where the condition broke and then held for another `window` steps. Its
+    streak is part of every checkpoint, so a resumed run warns exactly when the uninterrupted one would.
     """
 
-    def __init__(self, window: int, micro_batches_per_step: int, *, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
+    def __init__(self, window: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.window = window
-        self.micro_batches_per_step = micro_batches_per_step
         self.enabled = enabled
         self.stream = stream
         self.history: deque[bool] = deque(maxlen=window)
         self.warned = False
         self.warnings: list[str] = []
-        self._sums = [0.0, 0.0, 0]
-        self._seen = 0
-        self.step = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The streak and the warnings so far: a resumed run warns exactly when the uninterrupted one would."""
-        return {"history": list(self.history), "warned": self.warned, "warnings": list(self.warnings),
-                "step": self.step}
+        return {"history": list(self.history), "warned": self.warned, "warnings": list(self.warnings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque((bool(v) for v in state["history"]), maxlen=self.window)
-        self.warned, self.warnings, self.step = bool(state["warned"]), list(state["warnings"]), int(state["step"])
+        self.warned, self.warnings = bool(state["warned"]), list(state["warnings"])
 
-    def observe(self, chosen_delta: torch.Tensor, rejected_delta: torch.Tensor) -> None:
-        """Per-pair deltas [B] of one micro-batch."""
-        self._sums[0] += float(chosen_delta.sum())
-        self._sums[1] += float(rejected_delta.sum())
-        self._sums[2] += chosen_delta.numel()
-        self._seen += 1
-        if self._seen < self.micro_batches_per_step:
+    def observe(self, row: dict[str, Any]) -> None:
+        """One optimizer step's metrics row (ignored when it has no reference deltas)."""
+        if "logps/chosen_delta" not in row:
             return
-        chosen, rejected = self._sums[0] / max(1, self._sums[2]), self._sums[1] / max(1, self._sums[2])
-        self._sums, self._seen = [0.0, 0.0, 0], 0
-        self.step += 1
+        chosen, rejected = row["logps/chosen_delta"], row["logps/rejected_delta"]
         both_fall = chosen < 0 and rejected < 0
         self.history.append(both_fall)
         if not both_fall:
@@ -259,7 +247,7 @@ class LikelihoodMonitor:
                 f"and {rejected:.3f}); the margin grows only because rejected falls faster than chosen. Consider "
                 "dpo.rpo_alpha (an NLL term on chosen), a lower optim.lr or fewer steps (docs/concepts/dpo.md)."
             )
-            self.warnings.append(f"step {self.step}: {text}")
+            self.warnings.append(f"step {row['step']}: {text}")
             if self.enabled:
                 stream = self.stream or sys.stderr
                 stream.write(text + "\n")
@@ -298,8 +286,7 @@ def pair_logps(model: nn.Module, micro: PairMicroBatch, reference: Reference | N
     ), logits
 
 
-def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None, device: torch.device,
-                 monitor: LikelihoodMonitor | None
+def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None, device: torch.device
                  ) -> Callable[[Models, PairMicroBatch, int], tuple[torch.Tensor, dict[str, Any]]]:
     def loss_fn(models: Models, micro: PairMicroBatch, num_pairs: int) -> tuple[torch.Tensor, dict[str, Any]]:
         micro = micro.to(device)
@@ -310,9 +297,6 @@ def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None,
         metrics.update(logits_metrics(logits[:num_chosen_tokens], logits[num_chosen_tokens:]))
         if logps.reference_chosen is not None:
             metrics.update(delta_metrics(logps))
-            if monitor is not None:
-                monitor.observe(logps.policy_chosen.detach() - logps.reference_chosen,
-                                logps.policy_rejected.detach() - logps.reference_rejected)  # type: ignore[operator]
         # Sum over this micro-batch's pairs / the step's pairs: the step's mean whatever the accumulation.
         return losses.sum() / num_pairs, metrics
 
@@ -407,14 +391,14 @@ def train(cfg: DPOConfig) -> RunResult:
                                  batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision, info=info)
             reference = None  # every item carries its values; a separately loaded model is freed here
 
-    micro_per_step = cfg.train.batch_size // (cfg.train.micro_batch_size * info.world_size)
-    monitor = LikelihoodMonitor(cfg.dpo.displacement_window, micro_per_step, enabled=info.is_main)
-    loss_fn = make_loss_fn(preference_loss, reference, info.device, monitor if needs_reference else None)
+    monitor = LikelihoodMonitor(cfg.dpo.displacement_window, enabled=info.is_main)
+    loss_fn = make_loss_fn(preference_loss, reference, info.device)
     eval_fn = None
     if data.eval:
         eval_fn = make_eval_fn(data.eval, collate, cfg.train.micro_batch_size, info, preference_loss, reference)
-    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state={"likelihood_monitor": monitor})
+    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state={"likelihood_monitor": monitor},
+                           on_step=monitor.observe)
     if info.is_main and monitor.warnings:
         (run_dir / "warnings.txt").write_text("".join(w + "\n" for w in monitor.warnings))
-    final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
+    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

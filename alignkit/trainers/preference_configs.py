@@ -7,6 +7,7 @@ DPO reference log-probs come from). Each field's doc is the comment directly abo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from alignkit.errors import ConfigError
@@ -109,6 +110,26 @@ class DPOSection:
             raise ConfigError("dpo.loss is empty; name at least one preference loss, e.g. sigmoid.")
         if self.displacement_window < 1:
             raise ConfigError(f"dpo.displacement_window must be at least 1; got {self.displacement_window}.")
+        robust = "robust" in self.loss
+        checks = [
+            (self.beta is None or (math.isfinite(self.beta) and self.beta > 0), "beta", "a number > 0"),
+            (self.label_smoothing is None or 0 <= self.label_smoothing < (0.5 if robust else 0.5 + 1e-12),
+             "label_smoothing", "in [0, 0.5) for robust, [0, 0.5] for sigmoid"),
+            (self.simpo_gamma is None or math.isfinite(self.simpo_gamma), "simpo_gamma", "a finite number"),
+            (self.rpo_alpha is None or (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0), "rpo_alpha",
+             "a number >= 0"),
+            (self.loss_weights is None or all(math.isfinite(w) for w in self.loss_weights), "loss_weights",
+             "finite numbers"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ConfigError(f"dpo.{name} must be {rule}; got {getattr(self, name)!r}.")
+        # Unknown loss names, a weight list of the wrong length, a hyperparameter no chosen loss takes: now, not at
+        # step 1 after the model load and the reference pass.
+        from alignkit.losses import build_preference_loss
+
+        names, weights = self.terms()
+        build_preference_loss(names, weights, **self.hyperparameters())
 
     def hyperparameters(self) -> dict[str, float]:
         """The hyperparameters the recipe set (unset ones keep each loss's own default)."""

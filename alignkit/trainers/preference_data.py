@@ -117,7 +117,7 @@ def tokenize_pairs(
     records with a margin are tokenized one at a time; without margins the whole file goes in one batch.
     """
     kwargs: dict[str, Any] = dict(max_length=data.max_length, max_prompt_length=max_prompt_length,
-                                  truncation=data.truncation, source=source, strict=strict)
+                                  truncation=data.truncation or "left", source=source, strict=strict)
     has_margin = margin_field is not None and any(margin_field in r for r in records)
     if not has_margin:
         examples, stats = tokenize_preferences(records, tokenizer, **kwargs)

@@ -184,5 +184,5 @@ def train(cfg: RMConfig) -> RunResult:
     engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
                     dist_info=info, count_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
     metrics = engine.train(batches, make_loss_fn(coefficient, info.device), eval_fn=eval_fn)
-    final = export(model, tokenizer, run_dir, lora=cfg.lora.enabled, base_model=cfg.model.path, info=info)
+    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

@@ -107,6 +107,12 @@ def test_text_split_into_chunks() -> None:
     assert all(c.loss_mask[0] is False and all(c.loss_mask[1:]) for c in chunks)
     with pytest.raises(ConfigError, match="'split' only applies to format 'text'"):
         tokenize_dataset([{"messages": CHAT}], tok, format="chat", max_length=8, truncation="split")
+    # By default raw text is chunked too (a .txt file is one long record); only an explicit "right" discards.
+    default = tokenize_dataset([{"text": "Hello there, how are you today? " * 5}], tok, format="auto", max_length=8)
+    assert [c.input_ids for c in default] == [c.input_ids for c in chunks]
+    [cut] = tokenize_dataset([{"text": "Hello there, how are you today? " * 5}], tok, format="text", max_length=8,
+                             truncation="right")
+    assert cut.input_ids == ids[:8]
 
 
 def test_missing_field_names_field_index_and_source(tokenizer: Tokenizer) -> None:

@@ -73,3 +73,28 @@ def test_generation_under_fsdp2_uses_the_full_weights(tmp_path: Path) -> None:
     for rank in (0, 1):
         written = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert written == {"tokens": expected, "sharded_again": True, "training": True}
+
+
+def test_fsdp2_checkpoints_resume_at_another_world_size(tmp_path: Path) -> None:
+    """FSDP2 with two processes trains like one and checkpoints through DCP; a run killed after its step-4
+    checkpoint resumes with the other number of processes (2 -> 1 and 1 -> 2) and gets the uninterrupted losses."""
+    single = launch(tmp_path / "single", "--micro", "4", nproc=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = rows(tmp_path / "single")
+    sharded = launch(tmp_path / "fsdp2", "--micro", "4", "--strategy", "fsdp2")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step_000006" / "model" / "__1_0.distcp").exists()  # rank 1's shards
+
+    def close(a: list[dict], b: list[dict]) -> None:
+        assert [r["step"] for r in b] == [r["step"] for r in a]
+        for x, y in zip(a, b):
+            for key in ("loss", "grad_norm"):
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), (x["step"], key)
+
+    close(one, rows(tmp_path / "fsdp2"))
+    for name, first, then in (("2to1", ("--strategy", "fsdp2"), ()), ("1to2", (), ("--strategy", "fsdp2"))):
+        killed = launch(tmp_path / name, "--micro", "4", "--kill-at", "6", *first, nproc=2 if first else 1)
+        assert killed.returncode != 0
+        resumed = launch(tmp_path / name, "--micro", "4", "--resume", *then, nproc=2 if then else 1)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        close(one, rows(tmp_path / name))

@@ -120,8 +120,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(tmp_path: Path, mon
     monkeypatch.setattr(ckpt, "_write_state", real_write)
     root = tmp_path / "crash" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step_000004", "step_000002"]
-    assert (root / ".tmp-step_000004" / "model.safetensors").exists()
-    assert (root / ".tmp-step_000004" / "model.optimizer.pt").exists()
+    assert (root / ".tmp-step_000004" / "model" / ".metadata").exists()  # every shard was written
     assert latest_checkpoint(tmp_path / "crash").name == "step_000002"
     _, resumed = run(tmp_path / "crash", total_steps=6, resume=True, model_seed=7, **common)
     assert not (root / ".tmp-step_000004").exists()
@@ -191,3 +190,20 @@ def test_bf16_autocast_lowers_loss_with_fp32_master_weights(tmp_path: Path) -> N
     assert all(p.dtype == torch.float32 for p in engine.modules["model"].parameters())
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
     assert math.isclose(rows[0]["loss"], math.log(64), rel_tol=0.05)  # near-uniform at init
+
+
+def test_progress_line_eta_counts_the_steps_since_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logged every 10 steps, the first line's ETA uses 10 steps' time (it once read one step, or 00:00)."""
+    import io
+
+    from alignkit.engine import logging as metrics_logging
+
+    clock = iter([100.0, 110.0, 130.0])  # created at 100 s; steps 10 and 30 logged at 110 s and 130 s
+    monkeypatch.setattr(metrics_logging.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    logger = metrics_logging.MetricsLogger(tmp_path, total_steps=100, report_to=[], stream=stream)
+    logger.log({"step": 10, "loss": 1.0, "mfu": 12.5})
+    assert stream.getvalue().splitlines()[-1] == "step 10/100 loss=1.0000 mfu=12.5000% eta 01:30"
+    logger.start_step = 20  # a run resumed at step 20: 10 steps in 30 s
+    logger.log({"step": 30, "loss": 1.0})
+    assert stream.getvalue().splitlines()[-1].endswith("eta 03:30")

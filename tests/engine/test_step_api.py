@@ -142,7 +142,7 @@ def test_frozen_models_are_frozen_and_not_checkpointed(tmp_path: Path) -> None:
     rows = engine.train(step_batches(examples(), train_cfg()), kl_like)
     assert "reference_logit_mean" in rows[-1]
     files = sorted(p.name for p in (tmp_path / "checkpoints" / "step_000001").iterdir())
-    assert files == ["policy.optimizer.pt", "policy.safetensors", "state.json"]
+    assert files == ["policy", "state.json"]
 
 
 def test_resume_refuses_changed_models(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_resume_refuses_changed_models(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"frozen model 'reference' from 'sft-a', this run loads it from 'sft-b'"):
         resume({"policy": policy, "value": value}, {"reference": Frozen(tiny_model(3), "sft-b")})
     wider = Trainable(tiny_model(0, intermediate_size=96), OptimSection())
-    with pytest.raises(CheckpointError, match=r"policy.safetensors: tensor .*mlp.* has shape"):
+    with pytest.raises(CheckpointError, match=r"step_000004/policy: tensor .*mlp.* has shape"):
         resume({"policy": wider, "value": value}, {"reference": Frozen(tiny_model(3), "sft-a")})
     # Nothing was overwritten by the refused attempts.
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000003", "step_000004"]

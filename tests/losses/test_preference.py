@@ -362,3 +362,100 @@ def test_matches_plain_reimplementation(name: str, seed: int) -> None:
     assert set(metrics) == set(expected_metrics)
     for key, value in expected_metrics.items():
         assert abs(metrics[key].item() - value) < 1e-6, (name, key)
+
+
+# ---- gradients: hand-derived, in python floats, against autograd in float64 ------------------------------------
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def plain_gradients(name: str, p: dict[str, float], beta: float, eps: float, gamma: float) -> tuple[float, float]:
+    """(dL/d policy_chosen, dL/d policy_rejected) of one pair, derived by hand."""
+    pc, pl, rc, rl = p["pc"], p["pl"], p["rc"], p["rl"]
+    lc, ll = max(p["lc"], 1.0), max(p["ll"], 1.0)
+    h = (pc - rc) - (pl - rl)
+    if name in ("sigmoid", "robust", "hinge"):
+        if name == "sigmoid":  # -(1-e) log s(bh) - e log s(-bh)
+            d = -beta * ((1 - eps) * sig(-beta * h) - eps * sig(beta * h))
+        elif name == "robust":  # ((1-e)(-log s(bh)) + e log s(-bh)) / (1 - 2e)
+            d = -beta * ((1 - eps) * sig(-beta * h) + eps * sig(beta * h)) / (1 - 2 * eps)
+        else:  # max(0, 1 - bh)
+            d = -beta if 1 - beta * h > 0 else 0.0
+        return d, -d
+    if name == "ipo":  # (x - 1/(2b))^2, x = (pc - rc)/lc - (pl - rl)/ll
+        x = (pc - rc) / lc - (pl - rl) / ll
+        return 2 * (x - 1 / (2 * beta)) / lc, -2 * (x - 1 / (2 * beta)) / ll
+    if name == "simpo":  # -log s(z), z = b (pc/lc - pl/ll) - gamma
+        z = beta * (pc / lc - pl / ll) - gamma
+        return -sig(-z) * beta / lc, sig(-z) * beta / ll
+    if name in ("nll_chosen", "sft"):
+        return -1 / lc, 0.0
+    a, b = pc / lc, pl / ll  # odds ratio: -b log s(u), u = (a - log(1 - e^a)) - (b - log(1 - e^b)); du/da = 1/(1 - e^a)
+    u = (a - math.log(-math.expm1(a))) - (b - math.log(-math.expm1(b)))
+    du = -beta * sig(-u)
+    dc, dr = du / -math.expm1(a) / lc, -du / -math.expm1(b) / ll
+    return (dc, dr) if name == "odds_ratio" else (dc - 1 / lc, dr)
+
+
+def edge_pairs() -> PreferenceLogps:
+    """Equal log-probs, margins of +-50 (beta = 1), long and one-token responses, log-probs near 0."""
+    chosen = [-3.0, -60.0, -10.0, -5.0, -1e-3, -0.7, -2.0]
+    rejected = [-3.0, -10.0, -60.0, -5.0, -4.0, -1e-3, -2.0]
+    ref_chosen = [-3.0, -10.0, -10.0, -9.0, -2.0, -0.5, -2.0]
+    ref_rejected = [-3.0, -10.0, -10.0, -1.0, -2.0, -0.5, -2.0]
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
+    return PreferenceLogps(
+        policy_chosen=f64(chosen), policy_rejected=f64(rejected), reference_chosen=f64(ref_chosen),
+        reference_rejected=f64(ref_rejected), chosen_lengths=torch.tensor([1, 3, 7, 2, 1, 1, 40]),
+        rejected_lengths=torch.tensor([1, 5, 2, 2, 3, 1, 40]),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+@pytest.mark.parametrize("case", ["random", "edges"])
+def test_gradients_match_hand_derivation(name: str, case: str) -> None:
+    pairs = random_pairs(batch=12, seed=3) if case == "random" else edge_pairs()
+    beta, eps, gamma = (1.0, 0.2, 0.7) if case == "edges" else (0.3, 0.15, 0.4)
+    if name == "simpo":
+        beta = 2.5
+    kwargs: dict[str, float] = {}
+    if name not in ("nll_chosen", "sft"):
+        kwargs["beta"] = beta
+    if name in ("sigmoid", "robust"):
+        kwargs["label_smoothing"] = eps
+    if name == "simpo":
+        kwargs["simpo_gamma"] = gamma
+    chosen = pairs.policy_chosen.clone().requires_grad_(True)
+    rejected = pairs.policy_rejected.clone().requires_grad_(True)
+    leaf = PreferenceLogps(chosen, rejected, pairs.reference_chosen, pairs.reference_rejected,
+                           pairs.chosen_lengths, pairs.rejected_lengths)
+    losses, _ = PREFERENCE_LOSSES[name](leaf, **kwargs)
+    assert losses.dtype == torch.float64
+    losses.sum().backward()
+    grad_rejected = rejected.grad if rejected.grad is not None else torch.zeros_like(rejected)  # nll: no dependence
+    for i in range(len(chosen)):
+        p = {"pc": float(pairs.policy_chosen[i]), "pl": float(pairs.policy_rejected[i]),
+             "rc": float(pairs.reference_chosen[i]),
+             "rl": float(pairs.reference_rejected[i]), "lc": float(pairs.chosen_lengths[i]),
+             "ll": float(pairs.rejected_lengths[i])}
+        expected = plain_gradients(name, p, beta, eps, gamma)
+        assert float(chosen.grad[i]) == pytest.approx(expected[0], rel=1e-12, abs=1e-12), (name, i, "chosen")
+        assert float(grad_rejected[i]) == pytest.approx(expected[1], rel=1e-12, abs=1e-12), (name, i, "rejected")
+        assert float(losses[i]) == pytest.approx(plain_losses(name, p, beta, eps, gamma), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orpo_gradient_is_finite_when_an_average_log_prob_rounds_to_zero(dtype: torch.dtype) -> None:
+    """One logit leading by ~20 makes a one-token answer's log-prob round to 0 in fp32; ORPO's gradient was NaN
+    there (the unused branch of log1mexp was -inf)."""
+    chosen = torch.tensor([0.0, -2e-9, -1.0], dtype=dtype, requires_grad=True)
+    rejected = torch.tensor([-1.0, -2.0, 0.0], dtype=dtype, requires_grad=True)
+    logps = PreferenceLogps(chosen, rejected, chosen_lengths=torch.tensor([1, 2, 1]),
+                            rejected_lengths=torch.tensor([1, 1, 1]))
+    for fn in (orpo, odds_ratio):
+        chosen.grad = rejected.grad = None
+        losses, _ = fn(logps, beta=0.1)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()

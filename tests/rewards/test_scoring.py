@@ -87,3 +87,24 @@ def test_score_refuses_models_without_a_score_head_and_bad_records(
     assert "record 0 of" in err and "has no 'response' field" in err
     assert main(["score", "--model", str(directory), "--prompt", "a"]) == 2
     assert "--prompt and --response" in capsys.readouterr().err
+
+
+def test_last_token_rewards_with_right_and_left_padding(tmp_path: Path) -> None:
+    """Each row's reward is the value at its last real token whichever side the padding is on (generation pads
+    on the left); before, left-padded rows read a padding position and were wrong by ~2.4 here."""
+    from alignkit.rewards.scoring import last_token_rewards
+
+    model, _ = load_reward_model(tiny_reward_model(tmp_path / "rm"))
+    sequences = [[5, 9, 12, 40, 7], [3, 8], [11, 2, 6]]
+    width = max(len(s) for s in sequences)
+    with torch.no_grad():
+        alone = torch.tensor([float(model(torch.tensor([s]))[0, -1]) for s in sequences])
+    for side in ("right", "left"):
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            ids[i, span], mask[i, span] = torch.tensor(s), 1
+        with torch.no_grad():
+            rewards = last_token_rewards(model, ids, mask)
+        assert rewards == pytest.approx(alone, abs=1e-5), side

@@ -213,12 +213,11 @@ def test_metrics_have_trl_names_and_likelihood_deltas(tmp_path: Path) -> None:
 
 def test_likelihood_monitor_warns_after_window_of_joint_decrease() -> None:
     stream = io.StringIO()
-    monitor = dpo.LikelihoodMonitor(window=3, micro_batches_per_step=2, stream=stream)
-    down = torch.tensor([-1.0, -0.5])
+    monitor = dpo.LikelihoodMonitor(window=3, stream=stream)
+    steps = iter(range(1, 100))
 
-    def step(chosen: float, rejected: float) -> None:  # two micro-batches per optimizer step
-        for _ in range(2):
-            monitor.observe(torch.tensor([chosen]), torch.tensor([rejected]))
+    def step(chosen: float, rejected: float) -> None:  # one optimizer step's reduced row
+        monitor.observe({"step": next(steps), "logps/chosen_delta": chosen, "logps/rejected_delta": rejected})
 
     step(-1, -2)
     step(-1, -2)
@@ -227,13 +226,18 @@ def test_likelihood_monitor_warns_after_window_of_joint_decrease() -> None:
     step(-1, -2)
     step(-1, -2)
     assert stream.getvalue() == ""
+    # A resumed run continues the streak where the checkpoint left it.
+    resumed = dpo.LikelihoodMonitor(window=3, stream=stream)
+    resumed.load_state_dict(monitor.state_dict())
+    monitor = resumed
     step(-1, -3)
     assert stream.getvalue().count("likelihood displacement") == 1
     assert "last 3 steps" in stream.getvalue() and "-1.000 and -3.000" in stream.getvalue()
-    monitor.observe(down, down)
-    monitor.observe(down, down)
+    step(-0.75, -0.75)
     assert stream.getvalue().count("likelihood displacement") == 1  # once per episode
     assert monitor.warnings[0].startswith("step 6:")
+    monitor.observe({"step": 8, "loss": 0.5})  # a row without reference deltas (reference-free loss) is ignored
+    assert len(monitor.history) == 3
 
 
 def test_bad_input_fails_with_clear_messages_and_no_checkpoints(tmp_path: Path) -> None:
