@@ -8,6 +8,7 @@ before the run directory gets a checkpoint, so a typo never leaves a half-starte
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -228,12 +229,82 @@ def lm_eval_fn(items: list[Any], collate: Callable[[list[Any]], Batch], batch_si
 # ---------------------------------------------------------------------------------------------- run directory
 
 
+# Settings a resumed run must share with the run it continues: they fix the shapes of the trained tensors, the
+# model they start from, or what each step number means.
+RESUME_KEYS = ("model.path", "model.init", "model.dtype", "tokenizer", "lora.enabled", "lora.rank",
+               "lora.target_modules", "data.train", "data.max_length", "data.packing", "train.batch_size",
+               "train.seed")
+
+
+def stage_name(cfg: Any) -> str:
+    """`sft` for an SFTConfig, `dpo` for a DPOConfig, ...: what run.json records."""
+    return type(cfg).__name__.removesuffix("Config").lower()
+
+
+def check_resume(run_dir: Path, cfg: Any) -> None:
+    """Refuse, before anything is written, to resume a run of another stage, with settings that change what was
+    trained, or from a folder whose only checkpoints were cut off mid-save."""
+    import yaml
+
+    from alignkit.engine.checkpoint import CHECKPOINTS, list_checkpoints
+
+    stage = stage_name(cfg)
+    info_path = run_dir / "run.json"
+    if info_path.is_file():
+        saved_stage = json.loads(info_path.read_text()).get("stage")
+        if saved_stage != stage:
+            raise ConfigError(
+                f"{run_dir} holds a '{saved_stage}' run; it cannot be resumed by `alignkit train {stage}`. Resume it "
+                f"with `alignkit train {saved_stage}`, or choose another train.output_dir."
+            )
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file() and list_checkpoints(run_dir):
+        old = config_to_dict_flat(yaml.safe_load(saved_config.read_text()) or {})
+        new = config_to_dict_flat(config_to_dict(cfg))
+        for key in RESUME_KEYS:
+            if old.get(key) != new.get(key):
+                raise ConfigError(
+                    f"Resuming {run_dir} with {key}={new.get(key)!r}, but its checkpoints were trained with "
+                    f"{key}={old.get(key)!r}; resume with the same value, or start a new run in another "
+                    "train.output_dir."
+                )
+    partial = sorted((run_dir / CHECKPOINTS).glob(".tmp-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    if partial and not list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} holds only {partial[-1].name}, a checkpoint cut off while it was being written; there is "
+            "nothing complete to resume. Delete the folder, or start over without --resume in another "
+            "train.output_dir."
+        )
+
+
+def config_to_dict_flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"path": x}} -> {"model.path": x}; lists and model.init stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" != "model.init":
+            flat.update(config_to_dict_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def prepare_run_dir(cfg: Any, info: DistInfo) -> Path:
-    """Create the run directory and write the resolved config.yaml (rank 0)."""
+    """Check a resumed run against the one it continues, then create the run directory and write the resolved
+    config.yaml and run.json (rank 0)."""
+    from alignkit.engine.checkpoint import list_checkpoints
+
     run_dir = Path(cfg.train.output_dir)
+    if cfg.train.resume:
+        check_resume(run_dir, cfg)
+    elif list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints from an earlier run; pass --resume (train.resume=true) to continue "
+            "it, or choose another train.output_dir."
+        )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps({"stage": stage_name(cfg)}) + "\n")
     dist.barrier()
     return run_dir
 

@@ -207,3 +207,39 @@ def test_progress_line_eta_counts_the_steps_since_the_start(tmp_path: Path, monk
     logger.start_step = 20  # a run resumed at step 20: 10 steps in 30 s
     logger.log({"step": 30, "loss": 1.0})
     assert stream.getvalue().splitlines()[-1].endswith("eta 03:30")
+
+
+@pytest.mark.slow
+def test_kill_trials_never_leave_an_unloadable_checkpoint(tmp_path: Path) -> None:
+    """A process killed at each phase of a save leaves only loadable checkpoints, and --resume continues from
+    the newest complete one to the uninterrupted run's losses."""
+    import subprocess
+    import sys
+
+    from alignkit.engine.checkpoint import load_model_state, read_state
+    from tests.conftest import REPO_ROOT
+    from tests.engine.kill_worker import PHASES
+
+    def worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tests.engine.kill_worker", str(run_dir), *args], cwd=REPO_ROOT,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=180)
+
+    done = worker(tmp_path / "full")
+    assert done.returncode == 0, done.stderr[-2000:]
+    full = _metrics(tmp_path / "full")
+    for phase in PHASES:
+        run_dir = tmp_path / phase
+        killed = worker(run_dir, "--phase", phase)
+        assert killed.returncode == 9, (phase, killed.stderr[-2000:])
+        complete = ckpt.list_checkpoints(run_dir)
+        expected = {"after_rename": "step_000004", "during_prune": "step_000006"}.get(phase, "step_000002")
+        assert complete[-1].name == expected, (phase, complete)
+        for path in complete:  # every complete checkpoint loads
+            read_state(path)
+            load_model_state(path, "model", model=tiny_model(5), optimizer=None, device=torch.device("cpu"))
+        resumed = worker(run_dir, "--resume")
+        assert resumed.returncode == 0, (phase, resumed.stderr[-2000:])
+        for a, b in zip(full, _metrics(run_dir)):
+            for key in COMPARED:
+                assert a[key] == b[key], (phase, a["step"], key)
