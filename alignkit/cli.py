@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from alignkit.errors import UserError
@@ -15,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "generate": "alignkit.generation.cli",
     "convert": "alignkit.checkpoint.cli",
     "info": "alignkit.checkpoint.cli",
-    "merge": "alignkit.model.lora_cli",
+    "merge": "alignkit.checkpoint.cli",
     "tokenizer": "alignkit.tokenizer.cli",
     "score": "alignkit.rewards.cli",
 }
@@ -37,7 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_logs() -> None:
+    """Print the package's diagnostics (the `alignkit` loggers: data statistics, resume notes, warnings) on stderr.
+
+    The one channel for diagnostics: library code logs, the command line shows it; a program that imports alignkit
+    configures `logging` as it likes."""
+    logger = logging.getLogger("alignkit")
+    if not any(getattr(h, "alignkit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.alignkit_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,12 +1,11 @@
-"""`alignkit convert SRC OUT` (GGUF / HF -> HF safetensors) and `alignkit info PATH` (what a checkpoint is)."""
+"""`alignkit convert SRC OUT` (GGUF / HF -> HF safetensors), `alignkit info PATH` (what a checkpoint is) and
+`alignkit merge` (fold a LoRA adapter into its base model and save a plain HF model directory)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from alignkit.checkpoint import load_pretrained, resolve_model_path
 from alignkit.checkpoint.gguf import gguf_config, open_gguf, quantization_summary
@@ -18,10 +17,9 @@ from alignkit.checkpoint.hf import (
     safetensors_shapes,
     save_hf_model,
 )
-from alignkit.errors import CheckpointError
+from alignkit.errors import CheckpointError, ConfigError
+from alignkit.model import DTYPES
 from alignkit.model.config import ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_convert_command(subparsers: Any) -> None:
@@ -129,4 +127,41 @@ def run_info(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
         print(f"{label + ':':<{width}} {value}")
+    return 0
+
+
+def add_merge_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model and save an HF model directory",
+        description=(
+            "Load the base model, apply the LoRA adapter (alignkit's or peft's adapter directory), fold "
+            "scaling * B @ A into each adapted weight and save the result as an HF directory that "
+            "transformers and alignkit load without peft."
+        ),
+    )
+    parser.add_argument(
+        "--base",
+        help="base model: an HF directory, a .gguf file or an alignkit run directory "
+        "(default: the adapter's base_model_name_or_path)",
+    )
+    parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--output", required=True, help="directory to write the merged HF model to")
+    parser.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import alignkit
+    from alignkit.model.lora import load_adapter, merge_lora, read_adapter_config
+
+    base = args.base or read_adapter_config(args.adapter).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(
+            f"{args.adapter}/adapter_config.json has no base_model_name_or_path; pass the base model with --base."
+        )
+    model, tokenizer = alignkit.load(base)
+    load_adapter(model, args.adapter)
+    merge_lora(model)
+    save_hf_model(model, args.output, tokenizer=tokenizer)
+    print(f"merged adapter {args.adapter} into {base}; wrote {args.output}")
     return 0

@@ -20,20 +20,17 @@ from alignkit.data.formats import (
     preference_to_pair,
     verifiable_prompts,
 )
-from alignkit.data.iterate import BatchIterator, batch_iterator
 from alignkit.data.readers import load_records
 from alignkit.data.tokenize import PreferenceExample, TokenizedExample, tokenize_dataset, tokenize_preferences
 
 __all__ = [
     "Batch",
-    "BatchIterator",
     "PreferenceBatch",
     "PreferenceExample",
     "PreferencePair",
     "SharedPromptBatch",
     "TokenizedExample",
     "VerifiablePrompt",
-    "batch_iterator",
     "detect_format",
     "extract_gsm8k_answer",
     "load_records",

@@ -16,9 +16,7 @@ import torch
 
 from alignkit.data.tokenize import PreferenceExample, TokenizedExample
 from alignkit.errors import DataError
-
-IGNORE_INDEX = -100
-
+from alignkit.losses.logprobs import IGNORE_INDEX
 
 BatchT = TypeVar("BatchT")
 

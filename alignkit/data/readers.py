@@ -103,6 +103,15 @@ def _read_text(path: Path, *, gz: bool) -> str:
         raise DataError(f"{path} is not UTF-8 text ({err}); re-encode it as UTF-8.") from err
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (.jsonl or .jsonl.gz), one per non-empty line; a bad line is a DataError naming
+    the file and line. The one JSONL parser of the package: datasets, metrics files and tokenizer corpora use it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; check the path.")
+    return list(_parse_jsonl(_read_text(path, gz=path.suffix == ".gz"), path))
+
+
 def _parse_jsonl(text: str, path: Path) -> Iterator[dict[str, Any]]:
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

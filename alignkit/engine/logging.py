@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
 
 
 def _format_value(value: Any) -> str:
@@ -121,9 +124,11 @@ class MetricsLogger:
         self.stream.flush()
 
     def message(self, text: str) -> None:
+        """A diagnostic line of the run (rank 0), through `logging` like every other diagnostic."""
         if self.enabled:
-            self.stream.write(("\n" if self.is_tty else "") + text + "\n")
-            self.stream.flush()
+            if self.is_tty:
+                self.stream.write("\n")  # leave the progress bar's line
+            logger.info(text)
 
     def close(self) -> None:
         if self._tb is not None:

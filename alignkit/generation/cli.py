@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import time
 from typing import Any
-
-import torch
 
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.generation.engine import generate
 from alignkit.generation.sampling import SamplingParams
+from alignkit.model import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
 def add_generate_command(subparsers: Any) -> None:
@@ -52,14 +51,14 @@ def run_generate(args: argparse.Namespace) -> int:
     import alignkit
 
     start = time.perf_counter()
-    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
+    logger.info(f"loading {args.model} ({args.dtype}) ...")
     model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
     if tokenizer is None:
         raise CheckpointError(
             f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); generate needs one to encode the "
             "prompt. Copy the base model's tokenizer files into the directory."
         )
-    print(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s")
 
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system is not None else []
@@ -72,7 +71,6 @@ def run_generate(args: argparse.Namespace) -> int:
     completions = generate(model, [prompt], params, tokenizer=tokenizer)
     elapsed = time.perf_counter() - start
     num_tokens = sum(len(c.token_ids) for c in completions)
-    print(f"generated {num_tokens} tokens in {elapsed:.1f}s ({num_tokens / max(elapsed, 1e-9):.1f} tokens/s)",
-          file=sys.stderr)
+    logger.info(f"generated {num_tokens} tokens in {elapsed:.1f}s ({num_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
     print("\n\n".join(c.text or "" for c in completions))
     return 0

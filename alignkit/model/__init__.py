@@ -1,6 +1,6 @@
 """The Llama-family decoder, its config, KV cache and scalar head."""
 
 from alignkit.model.config import ConfigError, ModelConfig
-from alignkit.model.llama import KVCache, LlamaForCausalLM, LlamaForScore, LlamaModel
+from alignkit.model.llama import DTYPES, KVCache, LlamaForCausalLM, LlamaForScore, LlamaModel
 
-__all__ = ["ConfigError", "KVCache", "LlamaForCausalLM", "LlamaForScore", "LlamaModel", "ModelConfig"]
+__all__ = ["DTYPES", "ConfigError", "KVCache", "LlamaForCausalLM", "LlamaForScore", "LlamaModel", "ModelConfig"]

@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.model.config import ModelConfig, llama3_inv_freq
 
+# Weight dtypes by the names configs and command-line flags use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # `enable_gqa` appeared in torch 2.5.
 _SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
@@ -435,11 +438,3 @@ class LlamaForScore(PreTrainedMixin, nn.Module):
             input_ids, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids
         )
         return self.score(hidden).squeeze(-1)
-
-    def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One scalar per sequence [B], read at the last non-padding token (right padding)."""
-        if attention_mask is None:
-            return self(input_ids)[:, -1]
-        values = self(input_ids, attention_mask=attention_mask)
-        last = attention_mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
-        return values.gather(1, last[:, None]).squeeze(1)

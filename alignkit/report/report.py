@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.readers import read_jsonl
 from alignkit.errors import DataError
 
 # Keys read as "the accuracy" of a stage, first key found wins: task accuracy, then the held-out reward-model / DPO
@@ -39,18 +40,7 @@ DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_d
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of one `metrics.jsonl`; a malformed line is a DataError naming the file and line."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete that line.") from e
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
-        rows.append(row)
-    return rows
+    return read_jsonl(path)
 
 
 def _num(value: Any) -> float | None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.readers import read_jsonl
 from alignkit.errors import DataError
 from alignkit.tokenizer.templates import TEMPLATES
 
@@ -38,21 +38,15 @@ def read_texts(paths: Sequence[str]) -> Iterator[str]:
             raise DataError(f"Training file {path} does not exist.")
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"Training file {path} is neither .txt nor .jsonl; convert it to one of those.")
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if path.suffix == ".txt":
-                    yield line
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_number} is not valid JSON ({e.msg}).") from e
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{line_number} has no string `text` field; each line needs one.")
-                yield text
+        if path.suffix == ".txt":
+            with path.open(encoding="utf-8") as handle:
+                yield from handle
+            continue
+        for line_number, record in enumerate(read_jsonl(path), start=1):
+            text = record.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{path}: record {line_number} has no string `text` field; each line needs one.")
+            yield text
 
 
 def run_train(args: argparse.Namespace) -> int:

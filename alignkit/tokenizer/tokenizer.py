@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from alignkit.tokenizer.templates import (
 # Tokens that end a turn or a document in the formats we know; generation stops on any of them that the vocab has.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -324,7 +326,7 @@ class Tokenizer:
                 )
             # transformers would append a missing pad/unk token, growing the vocabulary past the model's embedding;
             # padding falls back to EOS instead.
-            warnings.warn(f"{key} {token!r} from {config_file} is not in the vocabulary; ignoring it.", stacklevel=2)
+            logger.warning(f"{key} {token!r} from {config_file} is not in the vocabulary; ignoring it.")
             special[key] = None
 
         template_file = directory / "chat_template.jinja"

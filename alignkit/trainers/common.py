@@ -34,12 +34,10 @@ from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable, in
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError, DataError
 from alignkit.losses.lm import causal_lm_loss
-from alignkit.model import LlamaForCausalLM, ModelConfig
+from alignkit.losses.logprobs import IGNORE_INDEX
+from alignkit.model import DTYPES, LlamaForCausalLM, ModelConfig
 from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.configs import DataSection, LoRASection, ModelSection, TrainSection
-
-IGNORE_INDEX = -100
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -98,7 +96,7 @@ def build_model(
     if section.path is not None:
         from alignkit.checkpoint import load_pretrained
 
-        model, own_tokenizer = load_pretrained(section.path, dtype=_DTYPES[section.dtype], device=device)
+        model, own_tokenizer = load_pretrained(section.path, dtype=DTYPES[section.dtype], device=device)
         tokenizer = tokenizer or own_tokenizer
         if tokenizer is None:
             raise ConfigError(f"model.path {section.path} has no tokenizer.json; set `tokenizer` to a tokenizer path.")
@@ -119,7 +117,7 @@ def build_model(
             )
         model = LlamaForCausalLM(ModelConfig(**init))
         model.init_weights()
-        model.to(device=device, dtype=_DTYPES[section.dtype])
+        model.to(device=device, dtype=DTYPES[section.dtype])
     else:
         raise ConfigError("Set model.path (a model to fine-tune) or model.init (a ModelConfig to train from scratch).")
     if section.gradient_checkpointing:

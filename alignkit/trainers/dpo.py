@@ -23,11 +23,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -51,6 +51,7 @@ from alignkit.losses import (
     sequence_logprobs,
     token_logprobs,
 )
+from alignkit.model import DTYPES
 from alignkit.trainers.common import (
     RunResult,
     add_lora,
@@ -73,6 +74,7 @@ from alignkit.trainers.preference_data import (
 from alignkit.trainers.sft import set_chat_template
 
 Config = DPOConfig
+logger = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logps.safetensors"
 
 
@@ -125,13 +127,11 @@ class Reference:
 def build_reference(cfg: DPOConfig, policy: nn.Module, device: torch.device) -> Reference:
     """The reference for `cfg` (only called for losses that need one; see the module docstring)."""
     if cfg.reference.path is not None:
-        from alignkit.trainers.common import _DTYPES
-
         section = copy.copy(cfg.model)
         section.path, section.init, section.gradient_checkpointing = cfg.reference.path, None, False
         model, _ = build_model(section, None, device=device)
         model.eval().requires_grad_(False)
-        return Reference(model, adapter_disabled=False, description=f"{cfg.reference.path}:{_DTYPES[section.dtype]}")
+        return Reference(model, adapter_disabled=False, description=f"{cfg.reference.path}:{DTYPES[section.dtype]}")
     start = f"{cfg.model.path or 'init'}:{cfg.model.dtype}"
     if cfg.lora.enabled:
         return Reference(policy, adapter_disabled=True, description=f"{start}:adapter-disabled")
@@ -215,10 +215,9 @@ class LikelihoodMonitor:
     streak is part of every checkpoint, so a resumed run warns exactly when the uninterrupted one would.
     """
 
-    def __init__(self, window: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(self, window: int, *, enabled: bool = True) -> None:
         self.window = window
         self.enabled = enabled
-        self.stream = stream
         self.history: deque[bool] = deque(maxlen=window)
         self.warned = False
         self.warnings: list[str] = []
@@ -249,9 +248,7 @@ class LikelihoodMonitor:
             )
             self.warnings.append(f"step {row['step']}: {text}")
             if self.enabled:
-                stream = self.stream or sys.stderr
-                stream.write(text + "\n")
-                stream.flush()
+                logger.warning(text)
 
 
 def delta_metrics(logps: PreferenceLogps) -> dict[str, torch.Tensor]:

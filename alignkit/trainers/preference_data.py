@@ -6,8 +6,8 @@ than max_length under truncation "error") stops the run with a DataError and lea
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,6 +28,8 @@ from alignkit.errors import ConfigError, DataError
 from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.common import read_records
 from alignkit.trainers.configs import DataSection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,12 +193,11 @@ def load_preference_data(
             train = [item for i, item in enumerate(train) if i not in held]
     stats = {**stats, "train_pairs": len(train), "eval_pairs": len(held_out)}
     if info.is_main:
-        print(
+        logger.info(
             f"data: {stats['kept']} of {stats['pairs']} pairs kept from {data.train} ({stats['dropped_identical']} "
             f"dropped with identical chosen and rejected, {stats['dropped_unparsable']} unparsable, "
             f"{stats['dropped_too_long']} too long; {stats['truncated']} truncated to {data.max_length} tokens); "
-            f"{len(train)} train / {len(held_out)} eval pairs.",
-            file=sys.stderr, flush=True,
+            f"{len(train)} train / {len(held_out)} eval pairs."
         )
     return PreferenceData(train, held_out, has_margin, stats)
 

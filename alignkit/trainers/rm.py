@@ -23,12 +23,11 @@ from alignkit.data import SharedPromptBatch
 from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable
 from alignkit.engine import distributed as dist
 from alignkit.losses import bradley_terry_loss
-from alignkit.model import LlamaForCausalLM
+from alignkit.model import DTYPES, LlamaForCausalLM
 from alignkit.model.llama import LlamaForScore
 from alignkit.rewards.scoring import last_token_rewards, score_model_from_causal_lm
 from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.common import (
-    _DTYPES,
     RunResult,
     build_model,
     export,
@@ -63,7 +62,7 @@ def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, de
         if resolved is not None and resolved.is_dir() and checkpoint_kind(read_hf_config(resolved)[1]) == "score":
             from alignkit.checkpoint import load_pretrained
 
-            model, own = load_pretrained(resolved, dtype=_DTYPES[section.dtype], device=device, kind="score")
+            model, own = load_pretrained(resolved, dtype=DTYPES[section.dtype], device=device, kind="score")
             assert isinstance(model, LlamaForScore)
             tokenizer = tokenizer or own
             if tokenizer is None:

@@ -103,7 +103,7 @@ def test_score_model_matches_transformers_sequence_classification(tmp_path: Path
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     ids = torch.randint(1, 128, (2, 9))  # no pad tokens: HF scores the last position
     with torch.no_grad():
-        ours = model.score_last(ids)
+        ours = model(ids)[:, -1]
         theirs = hf(ids).logits.squeeze(-1)
     assert (ours - theirs).abs().max().item() <= 1e-5
     loaded = load_hf_model(tmp_path / "rm", kind="score")

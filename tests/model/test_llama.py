@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alignkit.model import KVCache, LlamaForCausalLM, LlamaForScore, ModelConfig
+from alignkit.rewards.scoring import last_token_rewards
 from tests.conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -143,7 +144,7 @@ def test_score_model_reads_last_real_token() -> None:
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # right padding
     with torch.no_grad():
-        scores = model.score_last(ids, mask)
+        scores = last_token_rewards(model, ids, mask)
         alone = model(ids[1:, :5])[0, -1]
     assert scores.shape == (2,)
     assert torch.allclose(scores[1], alone, atol=1e-5)

@@ -158,13 +158,13 @@ def test_reward_model_adapter_round_trips_through_peft(tmp_path: Path) -> None:
 
     input_ids = torch.randint(1, 128, (2, 10))  # no pad token: HF pools at the last position
     with torch.no_grad():
-        ours = model.score_last(input_ids)
+        ours = model(input_ids)[:, -1]
         theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "rm")).eval()(input_ids).logits[:, 0]
         fresh = LlamaForScore(config)
         fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
         fresh.score.weight.zero_()  # the saved head must come back from the adapter file
         load_adapter(fresh, tmp_path / "rm").eval()
-        reloaded = fresh.score_last(input_ids)
+        reloaded = fresh(input_ids)[:, -1]
     assert max_diff(ours, theirs) <= 1e-5
     assert torch.equal(ours, reloaded)
 

@@ -108,7 +108,7 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "sft").mkdir(parents=True)
     (run / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss":\n')
-    with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: invalid JSON"):
         build_report(run)
     with pytest.raises(DataError, match="no metrics file"):
         build_report(run, stages=["pretrain"])

@@ -76,4 +76,4 @@ def test_cli_errors_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     bad.write_text('{"text": "ok"}\n{"prompt": "no text"}\n', encoding="utf-8")
     assert main(["tokenizer", "train", "--input", str(bad), "--vocab-size", "300", "--output",
                  str(tmp_path / "o")]) == 2
-    assert f"{bad}:2 has no string `text` field" in capsys.readouterr().err
+    assert f"{bad}: record 2 has no string `text` field" in capsys.readouterr().err
