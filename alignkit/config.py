@@ -298,9 +298,12 @@ def _unknown_key(cls: type, prefix: str, key: str, source: str) -> ConfigError:
 
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
-    module = inspect.getmodule(cls)
-    namespace = dict(vars(module)) if module else {}
-    return typing.get_type_hints(cls, globalns=namespace)
+    # Each class in the MRO resolves its annotations in its own module (a stage config inherits sections).
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        module = inspect.getmodule(cls)
+        return typing.get_type_hints(cls, globalns=dict(vars(module)) if module else {})
 
 
 # ---------------------------------------------------------------------------------------------- overrides, env
@@ -378,23 +381,29 @@ def _expand_env(value: Any, key: str) -> Any:
 
 @functools.cache
 def _comment_docs(cls: type) -> dict[str, str]:
-    """Parse the class source for `# comment` lines directly above `name: type` lines."""
+    """Parse the class source for `# comment` lines directly above `name: type` lines; a field a subclass
+    redeclares without a comment (to change its default) keeps its base class's doc."""
     docs: dict[str, str] = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return docs
-    pending: list[str] = []
     field_line = re.compile(r"^\s+([A-Za-z_][A-Za-z0-9_]*)\s*:")
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("#").strip())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
             continue
-        match = field_line.match(line)
-        if match and pending:
-            docs.setdefault(match.group(1), " ".join(pending))
-        pending = []
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        pending: list[str] = []
+        own: dict[str, str] = {}
+        for line in source.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("#").strip())
+                continue
+            match = field_line.match(line)
+            if match and pending:
+                own.setdefault(match.group(1), " ".join(pending))
+            pending = []
+        docs.update(own)
     return docs
 
 

@@ -225,6 +225,20 @@ def load_model_state(path: str | Path, name: str, *, model: nn.Module, optimizer
         set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
+def read_model_tensors(path: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
+    """The trainable tensors model `name` saved in a checkpoint folder, whole, on the CPU (no model needed)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(path) / name
+    reader = SafeFileSystemReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
+    tensors = {key[len("model."):]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+               for key, meta in stored.items() if key.startswith("model.")}
+    with _single_process_quiet():
+        dcp.load({"model": tensors}, storage_reader=reader, no_dist=True)
+    return tensors
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds only what DCP's metadata holds: its own dataclasses, torch.Size and dtypes, plain containers."""
 

@@ -81,17 +81,18 @@ class LoRASection:
 
 
 @dataclass
-class PretrainConfig:
-    """Causal language modelling on raw text, from scratch or continued from a checkpoint."""
+class StageConfig:
+    """The sections every training stage has; each stage's config adds its own and may change their defaults."""
 
-    # Model to train (a path, or init for from-scratch).
+    # Model to start from: a path (HF directory, .gguf, alignkit run), or model.init to train from scratch.
     model: ModelSection = field(default_factory=ModelSection)
-    # Tokenizer for from-scratch runs: a folder with tokenizer.json, a .gguf, or "byte" (256 byte symbols + eos).
+    # Tokenizer: a folder with tokenizer.json or a .gguf (default: the model's own); from scratch also "byte" (256
+    # byte symbols + ChatML's special tokens) or "bpe:N" (a byte-level BPE of N tokens trained on data.train).
     tokenizer: str | None = None
     # Training and evaluation data.
-    data: DataSection = field(default_factory=lambda: DataSection(format="text", truncation="split", packing=True))
+    data: DataSection = field(default_factory=DataSection)
     # Optimizer and learning-rate schedule.
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=10))
+    optim: OptimSection = field(default_factory=OptimSection)
     # Batching, precision, logging, evaluation and checkpointing.
     train: TrainSection = field(default_factory=TrainSection)
     # Low-rank adapters (off by default).
@@ -99,20 +100,21 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning on instruction or chat data; the loss covers assistant tokens only."""
+class ChatStageConfig(StageConfig):
+    """A stage that renders conversations: the sections of every stage plus the chat template."""
 
-    # Model to fine-tune (its tokenizer and chat template come with it).
-    model: ModelSection = field(default_factory=ModelSection)
-    # Tokenizer override: a folder with tokenizer.json or a .gguf (default: the model's own).
-    tokenizer: str | None = None
     # Chat template override: "llama3", "chatml", or a jinja template string (default: the tokenizer's).
     chat_template: str | None = None
-    # Training and evaluation data.
-    data: DataSection = field(default_factory=DataSection)
-    # Optimizer and learning-rate schedule.
-    optim: OptimSection = field(default_factory=OptimSection)
-    # Batching, precision, logging, evaluation and checkpointing.
-    train: TrainSection = field(default_factory=TrainSection)
-    # Low-rank adapters.
-    lora: LoRASection = field(default_factory=LoRASection)
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Causal language modelling on raw text, from scratch or continued from a checkpoint."""
+
+    data: DataSection = field(default_factory=lambda: DataSection(format="text", truncation="split", packing=True))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=10))
+
+
+@dataclass
+class SFTConfig(ChatStageConfig):
+    """Supervised fine-tuning on instruction or chat data; the loss covers assistant tokens only."""

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from alignkit.errors import ConfigError
-from alignkit.trainers.configs import DataSection, LoRASection, ModelSection, OptimSection, TrainSection
+from alignkit.trainers.configs import ChatStageConfig, DataSection, OptimSection
 
 
 def _preference_data() -> DataSection:
@@ -58,23 +58,15 @@ class RMSection:
 
 
 @dataclass
-class RMConfig:
-    """Reward model: a scalar head on the last token, trained with the Bradley-Terry loss on preference pairs."""
+class RMConfig(ChatStageConfig):
+    """Reward model: a scalar head on the last token, trained with the Bradley-Terry loss on preference pairs.
 
-    # Model to start from (an SFT or base model; its LM head is replaced by a scalar score head).
-    model: ModelSection = field(default_factory=ModelSection)
-    # Tokenizer override: a folder with tokenizer.json or a .gguf (default: the model's own).
-    tokenizer: str | None = None
-    # Chat template override: "llama3", "chatml", or a jinja template string (default: the tokenizer's).
-    chat_template: str | None = None
-    # Preference pairs ({prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts) and the eval split.
+    The model's LM head is replaced by a score head; with LoRA the score head trains fully and ships with the
+    adapter. Batch sizes count pairs.
+    """
+
     data: DataSection = field(default_factory=_preference_data)
-    # Optimizer and learning-rate schedule.
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
-    # Batching (batch sizes count pairs), precision, logging, evaluation and checkpointing.
-    train: TrainSection = field(default_factory=TrainSection)
-    # Low-rank adapters (the score head is always trained fully and saved with the adapter).
-    lora: LoRASection = field(default_factory=LoRASection)
     # Bradley-Terry options.
     rm: RMSection = field(default_factory=RMSection)
 
@@ -155,23 +147,15 @@ class ReferenceSection:
 
 
 @dataclass
-class DPOConfig:
-    """DPO family: preference optimisation from pairs (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, + NLL)."""
+class DPOConfig(ChatStageConfig):
+    """DPO family: preference optimisation from pairs (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, + NLL).
 
-    # Policy to train (usually an SFT model).
-    model: ModelSection = field(default_factory=ModelSection)
-    # Tokenizer override: a folder with tokenizer.json or a .gguf (default: the model's own).
-    tokenizer: str | None = None
-    # Chat template override: "llama3", "chatml", or a jinja template string (default: the tokenizer's).
-    chat_template: str | None = None
-    # Preference pairs ({prompt, chosen, rejected} or HH-RLHF {chosen, rejected} transcripts) and the eval split.
+    With LoRA the reference is the base with the adapter disabled: no second copy of the weights. Batch sizes
+    count pairs.
+    """
+
     data: DataSection = field(default_factory=_preference_data)
-    # Optimizer and learning-rate schedule.
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-7))
-    # Batching (batch sizes count pairs), precision, logging, evaluation and checkpointing.
-    train: TrainSection = field(default_factory=TrainSection)
-    # Low-rank adapters (the reference is then the base with the adapter disabled: no second copy of the weights).
-    lora: LoRASection = field(default_factory=LoRASection)
     # The loss and its hyperparameters.
     dpo: DPOSection = field(default_factory=DPOSection)
     # Where the reference log-probs come from (ignored, and must be unset, for reference-free losses).

@@ -12,6 +12,7 @@ import torch
 
 from alignkit.config import config_from_dict
 from alignkit.engine import DistInfo
+from alignkit.engine.checkpoint import read_model_tensors
 from alignkit.errors import CheckpointError, DataError
 from alignkit.model.llama import LlamaForScore
 from alignkit.rewards import conversation_ids, load_reward_model, score_ids
@@ -137,7 +138,7 @@ def test_train_last_layers_freezes_everything_below(tmp_path: Path) -> None:
     cfg = rm_config(tmp_path, base, write_jsonl(tmp_path / "p.jsonl", fruit_pairs(64)),
                     rm={"train_last_layers": 1}, train={"max_steps": 2, "eval_every": 0})
     result = run("rm", cfg)
-    trained = load_file(str(result.run_dir / "checkpoints" / "step_000002" / "model.safetensors"))
+    trained = read_model_tensors(result.run_dir / "checkpoints" / "step_000002")
     assert "score.weight" in trained and "model.norm.weight" in trained
     assert all(k.startswith(("score.", "model.norm.", "model.layers.1.")) for k in trained), sorted(trained)
     before = load_file(str(Path(base) / "model.safetensors"))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from alignkit.checkpoint import load_pretrained, save_hf_model
 from alignkit.config import config_from_dict
+from alignkit.engine.checkpoint import read_model_tensors
 from alignkit.errors import DataError
 from alignkit.model import LlamaForCausalLM
 from alignkit.trainers import run
@@ -147,7 +148,7 @@ def test_sft_lora_trains_only_adapters_and_exports_for_peft(tmp_path: Path) -> N
     evals = [r["eval/loss"] for r in result.metrics if "eval/loss" in r]
     assert evals[-1] < 0.8 * evals[0], evals
     # The optimizer only ever saw adapter weights: the checkpoint holds exactly the LoRA A/B matrices.
-    trained = load_file(str(result.run_dir / "checkpoints" / "step_000030" / "model.safetensors"))
+    trained = read_model_tensors(result.run_dir / "checkpoints" / "step_000030")
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
     assert len(trained) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
     assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero
