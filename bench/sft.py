@@ -56,7 +56,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     from alignkit.config import config_from_dict
     from alignkit.engine import StepBatches
     from alignkit.trainers import run
-    from alignkit.trainers.common import batching, load_examples
+    from alignkit.trainers.language import batching, load_examples
     from alignkit.trainers.configs import SFTConfig
 
     cfg = config_from_dict(SFTConfig, {

@@ -16,6 +16,7 @@ else says how it combines:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,8 +91,15 @@ class MetricAccumulator:
             else:
                 self._values[key] = torch.minimum(self._values[key], value)
 
-    def result(self) -> dict[str, float]:
-        """Reduce over ranks (every rank must hold the same metric names) and return plain floats."""
+    def result(self, *, complete: bool = False) -> dict[str, float]:
+        """Reduce over ranks and return plain floats. Every rank must hold the same metric names, or pass
+        `complete=True` (one more collective) when a rank may have seen none of them (an evaluation shard that is
+        empty on some rank): names it lacks then count as empty there."""
+        if complete:
+            for kinds in dist.all_gather_object(dict(self._kinds)):
+                for key, kind in kinds.items():  # type: ignore[union-attr]
+                    if key not in self._kinds:
+                        self._add_empty(key, kind)
         keys = sorted(self._values)
         summed = [k for k in keys if self._kinds[k] in ("mean", "sum")]
         maxed = [k for k in keys if self._kinds[k] == "max"]
@@ -112,6 +120,15 @@ class MetricAccumulator:
         for key, value in zip(mined, extremes_list[len(maxed):]):
             out[key] = -value
         return out
+
+
+    def _add_empty(self, key: str, kind: Reduction) -> None:
+        """A metric this rank never saw: nothing to add to a sum or mean, no candidate for an extreme."""
+        self._kinds[key] = kind
+        empty = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}[kind]
+        self._values[key] = torch.tensor(empty, dtype=torch.float64, device=self.device)
+        if kind == "mean":
+            self._weights[key] = torch.zeros((), dtype=torch.float64, device=self.device)
 
 
 def reduce_metrics(metrics: Mapping[str, Any], device: torch.device | None = None) -> dict[str, float]:

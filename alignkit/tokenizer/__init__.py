@@ -7,6 +7,7 @@ from alignkit.tokenizer.templates import (
     LLAMA3_TEMPLATE,
     default_template_for,
     get_template,
+    set_chat_template,
 )
 from alignkit.tokenizer.tokenizer import ChatEncoding, Tokenizer
 from alignkit.tokenizer.train import train_bpe
@@ -18,5 +19,6 @@ __all__ = [
     "Tokenizer",
     "default_template_for",
     "get_template",
+    "set_chat_template",
     "train_bpe",
 ]

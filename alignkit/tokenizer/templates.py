@@ -74,6 +74,12 @@ def get_template(name: str) -> str:
         ) from None
 
 
+def set_chat_template(tokenizer: Tokenizer, template: str | None) -> None:
+    """Give `tokenizer` a chat template: "llama3" / "chatml" (built in) or a jinja string; None keeps its own."""
+    if template is not None:
+        tokenizer.chat_template = TEMPLATES[template] if template in TEMPLATES else template
+
+
 def default_template_for(tokenizer: Tokenizer) -> str:
     """The built-in template a checkpoint without a chat template gets: Llama 3 if its vocabulary has
     `<|start_header_id|>`, else ChatML."""

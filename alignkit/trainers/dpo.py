@@ -34,9 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from alignkit.config import config_to_dict
 from alignkit.data import SharedPromptBatch
-from alignkit.engine import DistInfo, Engine, Frozen, Models, StepBatches, Trainable, autocast
+from alignkit.data.pairs import PairItem, PairMicroBatch, collate_pairs, count_pairs
+from alignkit.engine import DistInfo, Frozen, Models, autocast, mean
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError
 from alignkit.losses import (
@@ -52,26 +52,11 @@ from alignkit.losses import (
     token_logprobs,
 )
 from alignkit.model import DTYPES
-from alignkit.trainers.common import (
-    RunResult,
-    add_lora,
-    build_model,
-    export,
-    load_tokenizer,
-    prepare_run_dir,
-    setup,
-    total_steps,
-)
+from alignkit.tokenizer import set_chat_template
+from alignkit.trainers.common import RunResult, add_lora, build_model, load_tokenizer, setup
 from alignkit.trainers.preference_configs import DPOConfig
-from alignkit.trainers.preference_data import (
-    PairItem,
-    PairMicroBatch,
-    collate_pairs,
-    count_pairs,
-    load_preference_data,
-    pack_capacity,
-)
-from alignkit.trainers.sft import set_chat_template
+from alignkit.trainers.preference_data import load_preference_data, pack_capacity
+from alignkit.trainers.stage import train_stage
 
 Config = DPOConfig
 logger = logging.getLogger(__name__)
@@ -110,6 +95,11 @@ class Reference:
         self.model = model
         self.adapter_disabled = adapter_disabled
         self.description = description
+
+    def release(self) -> None:
+        """Once every pair carries precomputed values the model is not needed: drop it (a separately loaded
+        reference frees its memory; the policy itself is unaffected)."""
+        self.model = None  # type: ignore[assignment]
 
     @torch.no_grad()
     def logps(self, micro: PairMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,32 +290,21 @@ def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None,
     return loss_fn
 
 
-def make_eval_fn(items: list[PairItem], collate: Callable[[list[PairItem]], PairMicroBatch], batch_size: int,
-                 info: DistInfo, preference_loss: PreferenceLossFn, reference: Reference | None
-                 ) -> Callable[[Models], dict[str, float]]:
-    """Held-out loss and the training metrics (rewards/accuracies, margins, log-probs, deltas), pair-weighted."""
-    mine = items[info.rank :: info.world_size]
+def make_evaluate_batch(preference_loss: PreferenceLossFn, reference: Reference | None, device: torch.device
+                        ) -> Callable[[Models, PairMicroBatch], dict[str, Any]]:
+    """Held-out loss and the training metrics (rewards/accuracies, margins, log-probs, deltas) of one micro-batch,
+    each a mean over its pairs."""
 
-    def evaluate(models: Models) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        pairs = 0
-        for start in range(0, len(mine), batch_size):
-            micro = collate(mine[start : start + batch_size]).to(info.device)
-            logps, _ = pair_logps(models["model"], micro, reference)
-            losses, metrics = preference_loss(logps)
-            metrics = {"loss": losses.float().mean(), **metrics}
-            if logps.reference_chosen is not None:
-                metrics.update(delta_metrics(logps))
-            n = micro.num_pairs
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-            pairs += n
-        keys = sorted(sums)
-        totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [pairs], dtype=torch.float64))
-        count = max(1.0, float(totals[-1]))
-        return {f"eval/{key}": float(totals[i]) / count for i, key in enumerate(keys)}
+    def evaluate_batch(models: Models, micro: PairMicroBatch) -> dict[str, Any]:
+        micro = micro.to(device)
+        logps, _ = pair_logps(models["model"], micro, reference)
+        losses, metrics = preference_loss(logps)
+        metrics = {"loss": losses.float().mean(), **metrics}
+        if logps.reference_chosen is not None:
+            metrics.update(delta_metrics(logps))
+        return {key: mean(float(value), weight=micro.num_pairs) for key, value in metrics.items()}
 
-    return evaluate
+    return evaluate_batch
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -363,39 +342,27 @@ def train(cfg: DPOConfig) -> RunResult:
     def collate(items: list[PairItem]) -> PairMicroBatch:
         return collate_pairs(items, pad_id=tokenizer.pad_token_id, pack_capacity=capacity)
 
-    batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
-                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                          rank=info.rank, world_size=info.world_size)
-    steps = total_steps(cfg.train, batches.steps_per_epoch)
-
-    run_dir = prepare_run_dir(cfg, info)
-    if info.is_main:
-        tokenizer.save(run_dir / "tokenizer")
-        (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
     reference = build_reference(cfg, model, info.device) if needs_reference else None
     # A separate reference model used during training is frozen in the engine (its source is checked on resume);
     # a LoRA reference is the policy with its adapters disabled, and a precomputed one is gone before step 1.
     frozen = {}
     if reference is not None and not reference.adapter_disabled and not cfg.reference.precompute:
         frozen["reference"] = Frozen(reference.model, source=reference.description)
-    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
-                    frozen=frozen, dist_info=info, count_fn=count_pairs, count_unit="pairs",
-                    config_dict=config_to_dict(cfg))
 
-    if reference is not None:
-        if cfg.reference.precompute:
+    def precompute(run_dir: Path) -> None:
+        """The policy before its first update (or reference.path) scores every pair once; the values are cached in
+        the run directory, so a resumed run reuses them, and every item carries them from here on."""
+        if reference is not None and cfg.reference.precompute:
             precompute_reference({"train": data.train, "eval": data.eval}, reference, collate, run_dir=run_dir,
                                  batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision, info=info)
-            reference = None  # every item carries its values; a separately loaded model is freed here
+            reference.release()
 
     monitor = LikelihoodMonitor(cfg.dpo.displacement_window, enabled=info.is_main)
-    loss_fn = make_loss_fn(preference_loss, reference, info.device)
-    eval_fn = None
-    if data.eval:
-        eval_fn = make_eval_fn(data.eval, collate, cfg.train.micro_batch_size, info, preference_loss, reference)
-    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state={"likelihood_monitor": monitor},
-                           on_step=monitor.observe)
+    result = train_stage(cfg, info, model, tokenizer, train_items=data.train, eval_items=data.eval, collate=collate,
+                         loss_fn=make_loss_fn(preference_loss, reference, info.device),
+                         evaluate_batch=make_evaluate_batch(preference_loss, reference, info.device),
+                         count_fn=count_pairs, count_unit="pairs", data_stats=data.stats, frozen=frozen,
+                         state={"likelihood_monitor": monitor}, on_step=monitor.observe, prepare=precompute)
     if info.is_main and monitor.warnings:
-        (run_dir / "warnings.txt").write_text("".join(w + "\n" for w in monitor.warnings))
-    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
-    return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
+        (result.run_dir / "warnings.txt").write_text("".join(w + "\n" for w in monitor.warnings))
+    return result

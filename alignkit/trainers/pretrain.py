@@ -10,14 +10,13 @@ from alignkit.trainers.common import (
     RunResult,
     add_lora,
     build_model,
-    load_examples,
     load_tokenizer,
     read_records,
     saved_tokenizer,
     setup,
-    train_language_model,
 )
 from alignkit.trainers.configs import PretrainConfig
+from alignkit.trainers.language import load_examples, train_language_model
 
 Config = PretrainConfig
 

@@ -9,7 +9,6 @@ optional centering term. The export is an HF `LlamaForSequenceClassification` di
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,35 +17,20 @@ import torch
 from torch import nn
 
 from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
-from alignkit.config import config_to_dict
 from alignkit.data import SharedPromptBatch
-from alignkit.engine import DistInfo, Engine, Models, StepBatches, Trainable
-from alignkit.engine import distributed as dist
+from alignkit.data.pairs import PairItem, PairMicroBatch, collate_pairs, count_pairs
+from alignkit.engine import Models, mean
+from alignkit.errors import ConfigError
 from alignkit.losses import bradley_terry_loss
 from alignkit.model import DTYPES, LlamaForCausalLM
 from alignkit.model.llama import LlamaForScore
 from alignkit.rewards.scoring import last_token_rewards, score_model_from_causal_lm
-from alignkit.tokenizer import Tokenizer
-from alignkit.trainers.common import (
-    RunResult,
-    build_model,
-    export,
-    load_tokenizer,
-    prepare_run_dir,
-    setup,
-    total_steps,
-)
+from alignkit.tokenizer import Tokenizer, set_chat_template
+from alignkit.trainers.common import RunResult, build_model, load_tokenizer, setup
 from alignkit.trainers.configs import LoRASection, ModelSection
 from alignkit.trainers.preference_configs import RMConfig
-from alignkit.trainers.preference_data import (
-    PairItem,
-    PairMicroBatch,
-    collate_pairs,
-    count_pairs,
-    load_preference_data,
-    pack_capacity,
-)
-from alignkit.trainers.sft import set_chat_template
+from alignkit.trainers.preference_data import load_preference_data, pack_capacity
+from alignkit.trainers.stage import train_stage
 
 Config = RMConfig
 
@@ -66,8 +50,6 @@ def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, de
             assert isinstance(model, LlamaForScore)
             tokenizer = tokenizer or own
             if tokenizer is None:
-                from alignkit.errors import ConfigError
-
                 raise ConfigError(f"model.path {section.path} has no tokenizer.json; set `tokenizer` to a tokenizer path.")
             if section.gradient_checkpointing:
                 model.set_gradient_checkpointing(True)
@@ -128,28 +110,22 @@ def make_loss_fn(center_rewards_coefficient: float, device: torch.device
     return loss_fn
 
 
-def make_eval_fn(items: list[PairItem], collate: Callable[[list[PairItem]], PairMicroBatch], batch_size: int,
-                 info: DistInfo, center_rewards_coefficient: float) -> Callable[[Models], dict[str, float]]:
-    """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward over all ranks."""
-    mine = items[info.rank :: info.world_size]
+def make_evaluate_batch(center_rewards_coefficient: float, device: torch.device
+                        ) -> Callable[[Models, PairMicroBatch], dict[str, Any]]:
+    """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward of one micro-batch,
+    each a mean over its pairs (combined over every batch and rank by `sharded_eval`)."""
 
-    def evaluate(models: Models) -> dict[str, float]:
-        # Sums of: loss, correct, margin, reward (chosen + rejected), pairs.
-        totals = torch.zeros(5, dtype=torch.float64)
-        for start in range(0, len(mine), batch_size):
-            micro = collate(mine[start : start + batch_size]).to(info.device)
-            chosen, rejected = pair_rewards(models["model"], micro)
-            loss, _ = bradley_terry_loss(chosen, rejected, margin=micro.margin,
-                                         center_rewards_coefficient=center_rewards_coefficient)
-            n = micro.num_pairs
-            totals += torch.tensor([float(loss) * n, float((chosen > rejected).sum()), float((chosen - rejected).sum()),
-                                    float((chosen + rejected).sum()) / 2, n], dtype=torch.float64)
-        dist.all_reduce_sum(totals)
-        pairs = float(totals[4].clamp(min=1))
-        return {"eval/loss": float(totals[0]) / pairs, "eval/accuracy": float(totals[1]) / pairs,
-                "eval/margin": float(totals[2]) / pairs, "eval/mean_reward": float(totals[3]) / pairs}
+    def evaluate_batch(models: Models, micro: PairMicroBatch) -> dict[str, Any]:
+        micro = micro.to(device)
+        chosen, rejected = pair_rewards(models["model"], micro)
+        loss, _ = bradley_terry_loss(chosen, rejected, margin=micro.margin,
+                                     center_rewards_coefficient=center_rewards_coefficient)
+        n = micro.num_pairs
+        return {"loss": mean(float(loss), weight=n), "accuracy": mean(float((chosen > rejected).sum()) / n, weight=n),
+                "margin": mean(float((chosen - rejected).sum()) / n, weight=n),
+                "mean_reward": mean(float((chosen + rejected).sum()) / 2 / n, weight=n)}
 
-    return evaluate
+    return evaluate_batch
 
 
 def train(cfg: RMConfig) -> RunResult:
@@ -163,25 +139,13 @@ def train(cfg: RMConfig) -> RunResult:
     # Data: validated and tokenised before the run directory is touched (a bad record leaves nothing behind).
     data = load_preference_data(cfg.data, tokenizer, info, max_prompt_length=cfg.rm.max_prompt_length,
                                 strict=cfg.rm.strict, margin_field=cfg.rm.margin_field)
-
     capacity = pack_capacity(cfg.data, info.device)
 
     def collate(items: list[PairItem]) -> PairMicroBatch:
         return collate_pairs(items, pad_id=tokenizer.pad_token_id, with_margin=data.has_margin, pack_capacity=capacity)
 
-    batches = StepBatches(data.train, collate=collate, batch_size=cfg.train.batch_size,
-                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                          rank=info.rank, world_size=info.world_size)
-    steps = total_steps(cfg.train, batches.steps_per_epoch)
     coefficient = cfg.rm.center_rewards_coefficient
-    eval_fn = make_eval_fn(data.eval, collate, cfg.train.micro_batch_size, info, coefficient) if data.eval else None
-
-    run_dir = prepare_run_dir(cfg, info)
-    if info.is_main:
-        tokenizer.save(run_dir / "tokenizer")
-        (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2) + "\n")
-    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
-                    dist_info=info, count_fn=count_pairs, count_unit="pairs", config_dict=config_to_dict(cfg))
-    metrics = engine.train(batches, make_loss_fn(coefficient, info.device), eval_fn=eval_fn)
-    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
-    return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
+    return train_stage(cfg, info, model, tokenizer, train_items=data.train, eval_items=data.eval, collate=collate,
+                       loss_fn=make_loss_fn(coefficient, info.device),
+                       evaluate_batch=make_evaluate_batch(coefficient, info.device), count_fn=count_pairs,
+                       count_unit="pairs", data_stats=data.stats)

@@ -7,28 +7,12 @@ end-of-turn token, never what the user, the system prompt or the template glue w
 from __future__ import annotations
 
 from alignkit.errors import ConfigError
-from alignkit.tokenizer import Tokenizer
-from alignkit.trainers.common import (
-    RunResult,
-    add_lora,
-    build_model,
-    load_examples,
-    load_tokenizer,
-    setup,
-    train_language_model,
-)
+from alignkit.tokenizer import set_chat_template
+from alignkit.trainers.common import RunResult, add_lora, build_model, load_tokenizer, setup
 from alignkit.trainers.configs import SFTConfig
+from alignkit.trainers.language import load_examples, train_language_model
 
 Config = SFTConfig
-
-
-def set_chat_template(tokenizer: Tokenizer, template: str | None) -> None:
-    """`template`: "llama3" / "chatml" (built in) or a jinja string; None keeps the tokenizer's own."""
-    if template is None:
-        return
-    from alignkit.tokenizer import get_template
-
-    tokenizer.chat_template = get_template(template) if template in ("llama3", "chatml") else template
 
 
 def train(cfg: SFTConfig) -> RunResult:

@@ -17,7 +17,7 @@ from alignkit.model.lora import apply_lora
 from alignkit.trainers import dpo, run
 from alignkit.trainers.common import load_tokenizer
 from alignkit.trainers.preference_configs import DPOConfig
-from alignkit.trainers.preference_data import PairItem, collate_pairs
+from alignkit.data.pairs import PairItem, collate_pairs
 from tests.trainers.preference_helpers import fruit_pairs, tiny_base, write_jsonl
 
 

@@ -1,0 +1,243 @@
+"""The skeleton every training stage shares once its model and data are ready: the held-out split, evaluation
+sharded over ranks, the run directory (with the checks that make resuming safe), the engine, training and the
+final export. A stage file reads top to bottom: build the model, load the data, call `train_stage`.
+
+    return train_stage(cfg, info, model, tokenizer, train_items=items, eval_items=held_out, collate=collate,
+                       loss_fn=loss_fn, evaluate_batch=evaluate_batch)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from alignkit.config import config_to_dict, save_config
+from alignkit.engine import DistInfo, Engine, Frozen, Models, StepBatches, Trainable, count_tokens
+from alignkit.engine import distributed as dist
+from alignkit.engine.loop import LossFn
+from alignkit.engine.metrics import MetricAccumulator
+from alignkit.errors import ConfigError, DataError
+from alignkit.tokenizer import Tokenizer
+from alignkit.trainers.common import RunResult, add_lora, total_steps
+from alignkit.trainers.configs import DataSection, LoRASection
+
+Item = TypeVar("Item")
+# Metrics of one held-out micro-batch: `alignkit.engine.metrics` values (usually mean(value, weight=count)).
+EvalBatchFn = Callable[[Models, Any], Mapping[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def hold_out(items: list[Item], data: DataSection, *, what: str = "examples") -> tuple[list[Item], list[Item]]:
+    """(train, held out): a seeded random data.eval_size (or eval_fraction) of `items`, the same split for every
+    run with the same data.seed whatever train.seed is."""
+    size = data.eval_size if data.eval_size is not None else math.ceil(data.eval_fraction * len(items))
+    if size <= 0:
+        return items, []
+    if size >= len(items):
+        raise DataError(
+            f"{data.train}: holding out {size} of {len(items)} {what} for evaluation leaves none to train on; "
+            "lower data.eval_fraction / data.eval_size or set data.eval."
+        )
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(data.seed)).tolist()
+    held = set(order[:size])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def sharded_eval(items: list[Any], collate: Callable[[list[Any]], Any], batch_size: int, info: DistInfo,
+                 evaluate_batch: EvalBatchFn, *, finish: Callable[[dict[str, float]], dict[str, float]] | None = None
+                 ) -> Callable[[Models], dict[str, float]]:
+    """An evaluation over all ranks: each rank scores its share (items[rank::world_size]) in micro-batches, the
+    metrics are combined as each asks (weighted means, sums, extremes) over every batch of every rank, and
+    `finish` may derive more (perplexity from loss). Keys come back as eval/<name>."""
+    mine = items[info.rank :: info.world_size]
+
+    def evaluate(models: Models) -> dict[str, float]:
+        metrics = MetricAccumulator(torch.device("cpu"))
+        for start in range(0, len(mine), batch_size):
+            metrics.add(evaluate_batch(models, collate(mine[start : start + batch_size])), 1.0)
+        values = metrics.result(complete=True)  # a rank whose share is empty still takes part
+        if finish is not None:
+            values = finish(values)
+        return {f"eval/{key}": value for key, value in values.items()}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+
+# Settings a resumed run must share with the run it continues: they fix the shapes of the trained tensors, the
+# model they start from, or what each step number means.
+RESUME_KEYS = ("model.path", "model.init", "model.dtype", "tokenizer", "lora.enabled", "lora.rank",
+               "lora.target_modules", "data.train", "data.max_length", "data.packing", "train.batch_size",
+               "train.seed")
+
+
+def stage_name(cfg: Any) -> str:
+    """`sft` for an SFTConfig, `dpo` for a DPOConfig, ...: what run.json records."""
+    return type(cfg).__name__.removesuffix("Config").lower()
+
+
+def check_resume(run_dir: Path, cfg: Any) -> None:
+    """Refuse, before anything is written, to resume a run of another stage, with settings that change what was
+    trained, or from a folder whose only checkpoints were cut off mid-save."""
+    import yaml
+
+    from alignkit.engine.checkpoint import CHECKPOINTS, list_checkpoints
+
+    stage = stage_name(cfg)
+    info_path = run_dir / "run.json"
+    if info_path.is_file():
+        saved_stage = json.loads(info_path.read_text()).get("stage")
+        if saved_stage != stage:
+            raise ConfigError(
+                f"{run_dir} holds a '{saved_stage}' run; it cannot be resumed by `alignkit train {stage}`. Resume it "
+                f"with `alignkit train {saved_stage}`, or choose another train.output_dir."
+            )
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file() and list_checkpoints(run_dir):
+        old = config_to_dict_flat(yaml.safe_load(saved_config.read_text()) or {})
+        new = config_to_dict_flat(config_to_dict(cfg))
+        for key in RESUME_KEYS:
+            if old.get(key) != new.get(key):
+                raise ConfigError(
+                    f"Resuming {run_dir} with {key}={new.get(key)!r}, but its checkpoints were trained with "
+                    f"{key}={old.get(key)!r}; resume with the same value, or start a new run in another "
+                    "train.output_dir."
+                )
+    partial = sorted((run_dir / CHECKPOINTS).glob(".tmp-*")) if (run_dir / CHECKPOINTS).is_dir() else []
+    if partial and not list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} holds only {partial[-1].name}, a checkpoint cut off while it was being written; there is "
+            "nothing complete to resume. Delete the folder, or start over without --resume in another "
+            "train.output_dir."
+        )
+
+
+def config_to_dict_flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"path": x}} -> {"model.path": x}; lists and model.init stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" != "model.init":
+            flat.update(config_to_dict_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def prepare_run_dir(cfg: Any, info: DistInfo) -> Path:
+    """Check a resumed run against the one it continues, then create the run directory and write the resolved
+    config.yaml and run.json (rank 0)."""
+    from alignkit.engine.checkpoint import list_checkpoints
+
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.train.resume:
+        check_resume(run_dir, cfg)
+    elif list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints from an earlier run; pass --resume (train.resume=true) to continue "
+            "it, or choose another train.output_dir."
+        )
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps({"stage": stage_name(cfg)}) + "\n")
+    dist.barrier()
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train_stage(
+    cfg: Any,
+    info: DistInfo,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    train_items: list[Any],
+    eval_items: list[Any],
+    collate: Callable[[list[Any]], Any],
+    loss_fn: LossFn,
+    evaluate_batch: EvalBatchFn | None = None,
+    eval_finish: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    count_fn: Callable[[Any], int] = count_tokens,
+    count_unit: str = "tokens",
+    data_stats: dict[str, Any] | None = None,
+    frozen: Mapping[str, Frozen] | None = None,
+    state: Mapping[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    prepare: Callable[[Path], None] | None = None,
+) -> RunResult:
+    """Batch, evaluate, checkpoint, train and export one model: what every supervised stage does the same way.
+
+    `frozen` models join the engine (their sources are checked on resume); `prepare(run_dir)` runs once the run
+    directory exists and before the first step (DPO precomputes its reference log-probs there); `state` objects go
+    into every checkpoint; `on_step` sees each step's row.
+    """
+    batches = StepBatches(train_items, collate=collate, batch_size=cfg.train.batch_size,
+                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                          rank=info.rank, world_size=info.world_size)
+    steps = total_steps(cfg.train, batches.steps_per_epoch)
+    eval_fn = None
+    if eval_items and evaluate_batch is not None:
+        eval_fn = sharded_eval(eval_items, collate, cfg.train.micro_batch_size, info, evaluate_batch,
+                               finish=eval_finish)
+    run_dir = prepare_run_dir(cfg, info)
+    if info.is_main:
+        tokenizer.save(run_dir / "tokenizer")
+        if data_stats is not None:
+            (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2) + "\n")
+    engine = Engine({"model": Trainable(model, cfg.optim)}, cfg.train, run_dir=run_dir, total_steps=steps,
+                    frozen=frozen, dist_info=info, count_fn=count_fn, count_unit=count_unit,
+                    config_dict=config_to_dict(cfg))
+    if prepare is not None:
+        prepare(run_dir)
+    metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state=state, on_step=on_step)
+    final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
+    return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
+
+
+def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRASection, base_model: str | None,
+           info: DistInfo) -> Path:
+    """Full model -> final/ (HF format with the tokenizer). LoRA -> adapter/ (peft format) and the merged final/.
+
+    Collective: under FSDP2 the shards are gathered into one full copy on rank 0 first."""
+    from alignkit.checkpoint import save_hf_model
+
+    final = run_dir / "final"
+    whole = unsharded_copy(model, lora, info)
+    if whole is not None:
+        if lora.enabled:
+            from alignkit.model.lora import merge_lora, save_adapter
+
+            save_adapter(whole, run_dir / "adapter", base_model_name_or_path=str(base_model or ""))
+            merge_lora(whole)
+        save_hf_model(whole, final, tokenizer=tokenizer)  # type: ignore[arg-type]
+    dist.barrier()
+    return final
+
+
+def unsharded_copy(model: nn.Module, lora: LoRASection, info: DistInfo) -> nn.Module | None:
+    """The model with whole tensors on rank 0 (None on the other ranks): the model itself, or under FSDP2 a new
+    CPU copy built from the gathered shards (collective), with the same LoRA layers."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model if info.is_main else None
+    state = dist.full_state_dict(model)
+    if not info.is_main:
+        return None
+    dtype = next(t.dtype for k, t in state.items() if "lora_" not in k)
+    whole = type(model)(model.config).to(dtype)  # type: ignore[operator]
+    add_lora(whole, lora)
+    whole.load_state_dict(state)
+    return whole
