@@ -12,6 +12,7 @@ a wrong type names the key, the expected type and the value given. String values
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -62,8 +63,15 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequenc
     return _build(cls, data, prefix="", source=source)
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>") -> T:
-    """Build `cls` from a plain dict with the same checks as `load_config` (used by tests and by code)."""
+def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>",
+                     updates: typing.Mapping[str, Any] | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build `cls` from a plain dict with the same checks as `load_config`. `updates` set dotted keys to values
+    first (a recipe's `fast:` section), then `overrides` apply `key.sub=value` texts (the command line)."""
+    data = copy.deepcopy(data)
+    for dotted, value in (updates or {}).items():
+        _set_path(cls, data, str(dotted), value, source=source)
+    for override in overrides:
+        _apply_override(cls, data, override)
     return _build(cls, _expand_env(data, ""), prefix="", source=source)
 
 
@@ -142,7 +150,9 @@ def _section_defaults(f: dataclasses.Field) -> dict[str, Any]:
         default = f.default
     else:
         return {}
-    return {sub.name: getattr(default, sub.name) for sub in dataclasses.fields(default)}
+    # Nested sections come back as dicts, so a section of sections (a whole stage config inside a recipe) merges
+    # key by key at every level.
+    return config_to_dict(default)
 
 
 def _convert(value: Any, tp: Any, *, key: str, source: str) -> Any:
@@ -315,7 +325,11 @@ def _apply_override(cls: type, data: dict[str, Any], override: str) -> None:
             f"Override {override!r} is not of the form key.sub=value (for example optim.lr=3e-4)."
         )
     dotted, text = override.split("=", 1)
-    dotted = dotted.strip().lstrip("-")
+    _set_path(cls, data, dotted.strip().lstrip("-"), _OverrideText(text), source="override")
+
+
+def _set_path(cls: type, data: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    """data[a][b][c] = value for `a.b.c`, checking each key against the dataclass it names."""
     parts = dotted.split(".")
     node: dict[str, Any] = data
     current: Any = cls
@@ -324,12 +338,12 @@ def _apply_override(cls: type, data: dict[str, Any], override: str) -> None:
         if dataclasses.is_dataclass(current):
             names = {f.name for f in dataclasses.fields(current)}
             if part not in names:
-                raise _unknown_key(current, ".".join(parts[:i]) + "." if i else "", part, "override")
+                raise _unknown_key(current, ".".join(parts[:i]) + "." if i else "", part, source)
             current = _unwrap_optional(_type_hints(current)[part])
         else:
             current = Any  # inside a free-form dict (e.g. model.init.hidden_size)
         if is_last:
-            node[part] = _OverrideText(text)
+            node[part] = value
         else:
             child = node.get(part)
             if not isinstance(child, dict):

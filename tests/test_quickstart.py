@@ -9,46 +9,60 @@ from pathlib import Path
 
 import pytest
 
-from alignkit import quickstart as Q
 from alignkit.cli import main
+from alignkit.config import config_to_dict
 from alignkit.errors import ConfigError
+from alignkit.pipeline import STAGES, load_recipe, run_pipeline
+from alignkit.report.summary import comparison, summary_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_packaged_recipe_and_overrides() -> None:
-    recipe = Q.load_recipe(None)
-    assert recipe["stages"] == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate", "report"]
-    assert recipe["evaluate"]["models"] == ["pretrain", "sft", "dpo"] and recipe["evaluate"]["reward_models"] == ["rm"]
-    assert all(stage in Q.STAGES for stage in recipe["stages"])
-    fast = Q.load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
-    assert fast["pretrain"]["train"]["max_steps"] == 7  # command line wins over --fast
-    assert fast["sft"]["optim"]["lr"] == 2e-4 and fast["sft"]["train"]["max_steps"] == 3
-    assert fast["pretrain"]["model"]["init"]["hidden_size"] == 32
-    assert fast["pretrain"]["train"]["batch_size"] == recipe["pretrain"]["train"]["batch_size"]  # untouched keys stay
+    recipe = load_recipe(None)
+    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate", "report"]
+    assert recipe.evaluate.models == ["pretrain", "sft", "dpo"] and recipe.evaluate.reward_models == ["rm"]
+    assert all(stage in STAGES for stage in recipe.stages)
+    fast = load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
+    assert fast.pretrain.train.max_steps == 7  # command line wins over --fast
+    assert fast.sft.optim.lr == 2e-4 and fast.sft.train.max_steps == 3
+    assert fast.pretrain.model.init["hidden_size"] == 32
+    assert fast.pretrain.train.batch_size == recipe.pretrain.train.batch_size  # untouched keys stay
 
 
 def test_top_level_recipe_points_at_the_packaged_one(tmp_path: Path) -> None:
-    assert Q.load_recipe(REPO_ROOT / "recipes" / "quickstart.yaml") == Q.load_recipe(None)
+    assert load_recipe(REPO_ROOT / "recipes" / "quickstart.yaml") == load_recipe(None)
     # A user recipe lists only what it changes; sections merge key by key.
     (tmp_path / "mine.yaml").write_text("base: packaged:quickstart.yaml\npretrain:\n  train: {max_steps: 11}\n")
-    mine = Q.load_recipe(tmp_path / "mine.yaml")
-    assert mine["pretrain"]["train"]["max_steps"] == 11
-    assert mine["pretrain"]["train"]["batch_size"] == Q.load_recipe(None)["pretrain"]["train"]["batch_size"]
+    mine = load_recipe(tmp_path / "mine.yaml")
+    assert mine.pretrain.train.max_steps == 11
+    assert mine.pretrain.train.batch_size == load_recipe(None).pretrain.train.batch_size
 
 
-def test_recipe_errors() -> None:
-    with pytest.raises(ConfigError, match="does not start with a recipe section"):
-        Q.load_recipe(None, overrides=["pretrian.train.max_steps=1"])
+def test_recipe_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key pretrian .*Did you mean pretrain"):
+        load_recipe(None, overrides=["pretrian.train.max_steps=1"])
     with pytest.raises(ConfigError, match="key.sub=value"):
-        Q.load_recipe(None, overrides=["max_steps"])
+        load_recipe(None, overrides=["max_steps"])
+    # Every section is typed and checked when the recipe loads, not when its stage starts minutes later.
+    with pytest.raises(ConfigError, match=r"unknown config key data.sft_wrong_operation_sharee .*Did you mean"):
+        load_recipe(None, overrides=["data.sft_wrong_operation_sharee=0.5"])
+    with pytest.raises(ConfigError, match=r"dpo.optim.lrr"):
+        load_recipe(None, overrides=["dpo.optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size must be int"):
+        load_recipe(None, overrides=["tokenizer.vocab_size=big"])
+    with pytest.raises(ConfigError, match=r"evaluate.max_new_tokens must be at least 1"):
+        load_recipe(None, overrides=["evaluate.max_new_tokens=0"])
+    (tmp_path / "typo.yaml").write_text("base: packaged:quickstart.yaml\nevaluate: {modles: [sft]}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key evaluate.modles"):
+        load_recipe(tmp_path / "typo.yaml")
 
 
 def test_missing_earlier_stage_is_named(tmp_path: Path) -> None:
-    recipe = Q.load_recipe(None, fast=True)
-    recipe["stages"] = ["tokenizer"]
+    recipe = load_recipe(None, fast=True)
+    recipe.stages = ["tokenizer"]
     with pytest.raises(ConfigError, match="stage 'tokenizer' needs stage 'data' .*, but 'data' is not in the list"):
-        Q.run_pipeline(recipe, tmp_path / "run", log=lambda _: None)
+        run_pipeline(recipe, tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
@@ -66,11 +80,11 @@ def test_stage_order_errors_name_both_stages(tmp_path: Path, stages: str, messag
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(f"base: packaged:quickstart.yaml\nstages: {stages}\n")
     with pytest.raises(ConfigError, match=message):
-        Q.load_recipe(recipe_path)
+        load_recipe(recipe_path)
     # Without dpo / rm in evaluate's lists, the SFT-only pipeline is valid.
-    ok = Q.load_recipe(None, overrides=["stages=[data, tokenizer, pretrain, sft, evaluate, report]",
-                                        "evaluate.models=[pretrain, sft]", "evaluate.reward_models=[]"])
-    assert ok["stages"][-2:] == ["evaluate", "report"]
+    ok = load_recipe(None, overrides=["stages=[data, tokenizer, pretrain, sft, evaluate, report]",
+                                      "evaluate.models=[pretrain, sft]", "evaluate.reward_models=[]"])
+    assert ok.stages[-2:] == ["evaluate", "report"]
 
 
 def test_summary_table_compares_sft_and_dpo() -> None:
@@ -82,8 +96,7 @@ def test_summary_table_compares_sft_and_dpo() -> None:
                 "accuracy/preference_heldout": 0.99, "preference/logp_margin": 15.5, "eval/loss": 0.08},
         "rm": {"accuracy/preference_heldout": 0.625},
     }
-    results = {"evaluate": Q.StageResult(summary=rows, seconds=12.0), "dpo": Q.StageResult(seconds=40.4)}
-    lines = Q.summary_table(results, Q.load_recipe(None)).splitlines()
+    lines = summary_table(rows, compare=("sft", "dpo"), seconds={"evaluate": 12.0, "dpo": 40.4}).splitlines()
     assert lines[0].split() == ["model", "held-out", "acc", "sampled", "acc", "train-pair", "acc", "plain-text",
                                 "acc", "pref", "acc", "eval", "loss"]
     assert lines[1].split() == ["sft", "0.820", "0.500", "0.977", "0.447", "0.953", "0.070"]
@@ -95,24 +108,24 @@ def test_summary_table_compares_sft_and_dpo() -> None:
     assert lines[5] == "held-out preference accuracy: sft 0.953 -> dpo 0.990 (+0.037)"
     assert lines[6] == "held-out log-prob margin, chosen - rejected: sft 14.000 -> dpo 15.500 (+1.500)"
     assert lines[7] == "time: evaluate 12s, dpo 40s; total 52s"
-    # Without a dpo row there is nothing to compare; a malformed evaluate.compare names the key.
-    assert Q.comparison(rows, "sft", "ppo") == []
+    # Without a ppo row there is nothing to compare; a malformed evaluate.compare names the key.
+    assert comparison(rows, "sft", "ppo") == []
     with pytest.raises(ConfigError, match="evaluate.compare"):
-        Q.summary_table(results, {"evaluate": {"compare": "dpo"}})
+        load_recipe(None, overrides=["evaluate.compare=[dpo]"])
 
 
 def test_unknown_stage(tmp_path: Path) -> None:
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text("stages: [data, ppo]\n")
     with pytest.raises(ConfigError, match="unknown stage 'ppo'"):
-        Q.load_recipe(recipe_path)
+        load_recipe(recipe_path)
 
 
 @pytest.mark.slow
 def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(out)]) == 0
-    recipe = Q.load_recipe(None, fast=True)
+    recipe = config_to_dict(load_recipe(None, fast=True))
     for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate"):
         assert (out / stage).is_dir()
     for stage in ("pretrain", "sft", "rm", "dpo"):

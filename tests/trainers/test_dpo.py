@@ -12,12 +12,12 @@ import torch
 
 from alignkit.config import config_from_dict
 from alignkit.data import tokenize_preferences
+from alignkit.data.pairs import PairItem, collate_pairs
 from alignkit.errors import ConfigError, DataError
 from alignkit.model.lora import apply_lora
 from alignkit.trainers import dpo, run
 from alignkit.trainers.common import load_tokenizer
 from alignkit.trainers.preference_configs import DPOConfig
-from alignkit.data.pairs import PairItem, collate_pairs
 from tests.trainers.preference_helpers import fruit_pairs, tiny_base, write_jsonl
 
 

@@ -79,8 +79,8 @@ def test_packed_pairs_with_shared_prompts_give_the_rewards_and_gradients_of_padd
     """data.packing (the default on a CPU) computes each prompt once in a packed row: same rewards, same gradients."""
     from alignkit.checkpoint import load_pretrained
     from alignkit.data import tokenize_preferences
-    from alignkit.rewards.scoring import score_model_from_causal_lm
     from alignkit.data.pairs import PairItem, collate_pairs
+    from alignkit.rewards.scoring import score_model_from_causal_lm
     from alignkit.trainers.rm import pair_rewards
 
     lm, tokenizer = load_pretrained(tiny_base(tmp_path / "base"))
