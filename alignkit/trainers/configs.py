@@ -106,6 +106,14 @@ class ChatStageConfig(StageConfig):
     # Chat template override: "llama3", "chatml", or a jinja template string (default: the tokenizer's).
     chat_template: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.chat_template is not None and self.chat_template not in ("llama3", "chatml") and not (
+                "{{" in self.chat_template or "{%" in self.chat_template):
+            raise ConfigError(
+                f"chat_template {self.chat_template!r} is neither a built-in template (llama3, chatml) nor a jinja "
+                "template (with {{ ... }} or {% ... %}); name one of the built-ins or give the template's text."
+            )
+
 
 @dataclass
 class PretrainConfig(StageConfig):

@@ -71,6 +71,7 @@ class RMConfig(ChatStageConfig):
     rm: RMSection = field(default_factory=RMSection)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_data(self.data)
         if self.lora.enabled and self.rm.train_last_layers is not None:
             raise ConfigError("Set either lora.enabled or rm.train_last_layers, not both.")
@@ -162,4 +163,5 @@ class DPOConfig(ChatStageConfig):
     reference: ReferenceSection = field(default_factory=ReferenceSection)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_data(self.data)
