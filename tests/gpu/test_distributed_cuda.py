@@ -16,11 +16,6 @@ from tests.gpu.helpers import GPU
 
 pytestmark = [*GPU, pytest.mark.distributed]
 
-# What FSDP2 currently fails on at the end-of-run checkpoint: safetensors cannot write its sharded (DTensor)
-# parameters (Engine.save -> save_checkpoint -> trainable_state). Matched so that any other failure still fails.
-FSDP2_CHECKPOINT_ERROR = "invalid python storage"
-
-
 def plain(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """The worker as one ordinary process (no torchrun, no process group)."""
     cmd = [sys.executable, "-m", "tests.engine.dist_worker", str(run_dir), *args]
@@ -66,15 +61,17 @@ def _check_ddp_matches_plain_and_resumes(tmp_path: Path, device: str, reference:
 
 
 def _check_fsdp2_matches_plain(tmp_path: Path, device: str, reference: list[dict]) -> None:
-    # Checkpoint only at the end, so all six steps are logged before the checkpoint is written.
-    fsdp2 = launch(tmp_path / "fsdp2", "--device", device, "--group", "--strategy", "fsdp2", "--save-every", "0",
-                   nproc=1)
-    assert (tmp_path / "fsdp2" / "metrics.jsonl").is_file(), fsdp2.stderr[-3000:]
-    assert_same_rows(reference, rows(tmp_path / "fsdp2"), rel=1e-5)
-    if fsdp2.returncode != 0 and FSDP2_CHECKPOINT_ERROR in fsdp2.stderr:
-        pytest.xfail("FSDP2 trains like one process, but its end-of-run checkpoint fails: save_checkpoint writes "
-                     "the sharded (DTensor) parameters with safetensors")
+    # Sharded checkpoints through torch.distributed.checkpoint (every 2 steps), then a kill and a resume.
+    fsdp2 = launch(tmp_path / "fsdp2", "--device", device, "--group", "--strategy", "fsdp2", nproc=1)
     assert fsdp2.returncode == 0, fsdp2.stderr[-3000:]
+    assert_same_rows(reference, rows(tmp_path / "fsdp2"), rel=1e-5)
+    killed = launch(tmp_path / "fsdp2-resumed", "--device", device, "--group", "--strategy", "fsdp2",
+                    "--kill-at", "6", nproc=1)
+    assert killed.returncode != 0
+    resumed = launch(tmp_path / "fsdp2-resumed", "--device", device, "--group", "--strategy", "fsdp2", "--resume",
+                     nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_rows(rows(tmp_path / "fsdp2"), rows(tmp_path / "fsdp2-resumed"), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
