@@ -58,8 +58,11 @@ def minimum(value: float | torch.Tensor) -> Metric:
 
 
 def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    # float64 so sums over many micro-batches and ranks lose nothing; detached, never a .item() (no GPU sync).
-    return torch.as_tensor(value, device=device).detach().to(torch.float64).reshape(())
+    # float64 so sums over many micro-batches and ranks lose nothing (a Python float never passes through float32);
+    # detached, never a .item() (no GPU sync).
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 class MetricAccumulator:

@@ -36,7 +36,7 @@ from torch import nn
 
 from alignkit.data import SharedPromptBatch
 from alignkit.data.pairs import PairItem, PairMicroBatch, collate_pairs, count_pairs
-from alignkit.engine import DistInfo, Frozen, Models, autocast, mean
+from alignkit.engine import DistInfo, Frozen, Models, autocast
 from alignkit.engine import distributed as dist
 from alignkit.errors import ConfigError
 from alignkit.losses import (
@@ -291,18 +291,19 @@ def make_loss_fn(preference_loss: PreferenceLossFn, reference: Reference | None,
 
 
 def make_evaluate_batch(preference_loss: PreferenceLossFn, reference: Reference | None, device: torch.device
-                        ) -> Callable[[Models, PairMicroBatch], dict[str, Any]]:
+                        ) -> Callable[[Models, PairMicroBatch], tuple[dict[str, float], int]]:
     """Held-out loss and the training metrics (rewards/accuracies, margins, log-probs, deltas) of one micro-batch,
-    each a mean over its pairs."""
+    as sums over its pairs."""
 
-    def evaluate_batch(models: Models, micro: PairMicroBatch) -> dict[str, Any]:
+    def evaluate_batch(models: Models, micro: PairMicroBatch) -> tuple[dict[str, float], int]:
         micro = micro.to(device)
         logps, _ = pair_logps(models["model"], micro, reference)
         losses, metrics = preference_loss(logps)
         metrics = {"loss": losses.float().mean(), **metrics}
         if logps.reference_chosen is not None:
             metrics.update(delta_metrics(logps))
-        return {key: mean(float(value), weight=micro.num_pairs) for key, value in metrics.items()}
+        n = micro.num_pairs
+        return {key: float(value) * n for key, value in metrics.items()}, n
 
     return evaluate_batch
 

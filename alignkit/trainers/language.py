@@ -18,7 +18,7 @@ from alignkit.data import (
     pad_collate,
     tokenize_dataset,
 )
-from alignkit.engine import DistInfo, Models, mean
+from alignkit.engine import DistInfo, Models
 from alignkit.errors import ConfigError
 from alignkit.losses.lm import causal_lm_loss
 from alignkit.losses.logprobs import IGNORE_INDEX
@@ -74,12 +74,11 @@ def lm_loss(models: Models, batch: Batch, num_tokens: int) -> tuple[torch.Tensor
     return loss, {}
 
 
-def lm_evaluate_batch(models: Models, batch: Batch) -> dict[str, Any]:
-    """Held-out next-token loss of one micro-batch, weighted by its target tokens."""
+def lm_evaluate_batch(models: Models, batch: Batch) -> tuple[dict[str, float], int]:
+    """Held-out next-token loss of one micro-batch: the summed NLL and its target tokens."""
     logits, labels = lm_forward(models["model"], batch)
     nll_sum, _ = causal_lm_loss(logits, labels, num_tokens=1)
-    count = labels.numel()
-    return {"loss": mean(float(nll_sum) / max(1, count), weight=count)}
+    return {"loss": float(nll_sum)}, labels.numel()
 
 
 def with_perplexity(values: dict[str, float]) -> dict[str, float]:

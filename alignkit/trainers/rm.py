@@ -19,7 +19,7 @@ from torch import nn
 from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
 from alignkit.data import SharedPromptBatch
 from alignkit.data.pairs import PairItem, PairMicroBatch, collate_pairs, count_pairs
-from alignkit.engine import Models, mean
+from alignkit.engine import Models
 from alignkit.errors import ConfigError
 from alignkit.losses import bradley_terry_loss
 from alignkit.model import DTYPES, LlamaForCausalLM
@@ -111,19 +111,18 @@ def make_loss_fn(center_rewards_coefficient: float, device: torch.device
 
 
 def make_evaluate_batch(center_rewards_coefficient: float, device: torch.device
-                        ) -> Callable[[Models, PairMicroBatch], dict[str, Any]]:
-    """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward of one micro-batch,
-    each a mean over its pairs (combined over every batch and rank by `sharded_eval`)."""
+                        ) -> Callable[[Models, PairMicroBatch], tuple[dict[str, float], int]]:
+    """Held-out Bradley-Terry loss, accuracy (r_chosen > r_rejected), margin and mean reward of one micro-batch, as
+    sums over its pairs (divided by all pairs of every batch and rank by `sharded_eval`)."""
 
-    def evaluate_batch(models: Models, micro: PairMicroBatch) -> dict[str, Any]:
+    def evaluate_batch(models: Models, micro: PairMicroBatch) -> tuple[dict[str, float], int]:
         micro = micro.to(device)
         chosen, rejected = pair_rewards(models["model"], micro)
         loss, _ = bradley_terry_loss(chosen, rejected, margin=micro.margin,
                                      center_rewards_coefficient=center_rewards_coefficient)
         n = micro.num_pairs
-        return {"loss": mean(float(loss), weight=n), "accuracy": mean(float((chosen > rejected).sum()) / n, weight=n),
-                "margin": mean(float((chosen - rejected).sum()) / n, weight=n),
-                "mean_reward": mean(float((chosen + rejected).sum()) / 2 / n, weight=n)}
+        return {"loss": float(loss) * n, "accuracy": float((chosen > rejected).sum()),
+                "margin": float((chosen - rejected).sum()), "mean_reward": float((chosen + rejected).sum()) / 2}, n
 
     return evaluate_batch
 

@@ -21,15 +21,17 @@ from alignkit.config import config_to_dict, save_config
 from alignkit.engine import DistInfo, Engine, Frozen, Models, StepBatches, Trainable, count_tokens
 from alignkit.engine import distributed as dist
 from alignkit.engine.loop import LossFn
-from alignkit.engine.metrics import MetricAccumulator
+from alignkit.engine.metrics import MetricAccumulator, total
 from alignkit.errors import ConfigError, DataError
 from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.common import RunResult, add_lora, total_steps
 from alignkit.trainers.configs import DataSection, LoRASection
 
 Item = TypeVar("Item")
-# Metrics of one held-out micro-batch: `alignkit.engine.metrics` values (usually mean(value, weight=count)).
-EvalBatchFn = Callable[[Models, Any], Mapping[str, Any]]
+COUNT = "__count__"
+# One held-out micro-batch: (metric sums over its items, its number of items); the evaluation reports each sum over
+# all batches and ranks divided by the total count.
+EvalBatchFn = Callable[[Models, Any], tuple[Mapping[str, float], float]]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -54,16 +56,19 @@ def hold_out(items: list[Item], data: DataSection, *, what: str = "examples") ->
 def sharded_eval(items: list[Any], collate: Callable[[list[Any]], Any], batch_size: int, info: DistInfo,
                  evaluate_batch: EvalBatchFn, *, finish: Callable[[dict[str, float]], dict[str, float]] | None = None
                  ) -> Callable[[Models], dict[str, float]]:
-    """An evaluation over all ranks: each rank scores its share (items[rank::world_size]) in micro-batches, the
-    metrics are combined as each asks (weighted means, sums, extremes) over every batch of every rank, and
-    `finish` may derive more (perplexity from loss). Keys come back as eval/<name>."""
+    """An evaluation over all ranks: each rank scores its share (items[rank::world_size]) in micro-batches; every
+    metric is its sum over all batches of all ranks divided by their total count (in float64), and `finish` may
+    derive more (perplexity from loss). Keys come back as eval/<name>."""
     mine = items[info.rank :: info.world_size]
 
     def evaluate(models: Models) -> dict[str, float]:
-        metrics = MetricAccumulator(torch.device("cpu"))
+        sums = MetricAccumulator(torch.device("cpu"))
         for start in range(0, len(mine), batch_size):
-            metrics.add(evaluate_batch(models, collate(mine[start : start + batch_size])), 1.0)
-        values = metrics.result(complete=True)  # a rank whose share is empty still takes part
+            batch_sums, count = evaluate_batch(models, collate(mine[start : start + batch_size]))
+            sums.add({key: total(value) for key, value in batch_sums.items()} | {COUNT: total(count)}, 1.0)
+        values = sums.result(complete=True)  # a rank whose share is empty still takes part
+        count = values.pop(COUNT, 0.0)
+        values = {key: value / max(count, 1.0) for key, value in values.items()}
         if finish is not None:
             values = finish(values)
         return {f"eval/{key}": value for key, value in values.items()}

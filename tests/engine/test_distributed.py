@@ -92,6 +92,14 @@ def test_fsdp2_checkpoints_resume_at_another_world_size(tmp_path: Path) -> None:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), (x["step"], key)
 
     close(one, rows(tmp_path / "fsdp2"))
+    # Same world size: the resumed run equals the uninterrupted one exactly.
+    killed = launch(tmp_path / "2to2", "--micro", "4", "--kill-at", "6", "--strategy", "fsdp2")
+    assert killed.returncode != 0
+    resumed = launch(tmp_path / "2to2", "--micro", "4", "--resume", "--strategy", "fsdp2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for a, b in zip(rows(tmp_path / "fsdp2"), rows(tmp_path / "2to2")):
+        for key in ("loss", "grad_norm", "lr"):
+            assert a[key] == b[key], (a["step"], key)
     for name, first, then in (("2to1", ("--strategy", "fsdp2"), ()), ("1to2", (), ("--strategy", "fsdp2"))):
         killed = launch(tmp_path / name, "--micro", "4", "--kill-at", "6", *first, nproc=2 if first else 1)
         assert killed.returncode != 0
