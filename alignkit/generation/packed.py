@@ -61,8 +61,11 @@ def packing_available() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
+        # A generator of its own: a check the first generate() runs must not move the global RNG that sampling
+        # and training draw from (two runs in one process would differ).
+        g = torch.Generator().manual_seed(0)
         with torch.inference_mode():
-            weight, bias, x = torch.randn(24, 16), torch.randn(24), torch.randn(3, 16)
+            weight, bias, x = torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(3, 16, generator=g)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 3)
             out = _packed_forward(packed, bias, x)
         return bool(torch.allclose(out, torch.nn.functional.linear(x, weight, bias), atol=1e-4))

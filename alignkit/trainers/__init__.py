@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "sft": "alignkit.trainers.sft",
     "rm": "alignkit.trainers.rm",
     "dpo": "alignkit.trainers.dpo",
+    "grpo": "alignkit.trainers.grpo",
 }
 
 

@@ -1,0 +1,173 @@
+"""What every RL trainer does between two optimizer phases: prompts -> G completions each -> rewards -> episodes.
+
+    rollout = generate_rollout(policy, tokenizer, prompts, params, group_size=G)    # one prefill per prompt
+    scores = score_rollout(rollout, functions, weights, fields)                      # rewards per completion
+    batches = episode_batches(rollout, micro_batch_size, advantages=..., old_logps=..., ref_logps=...)
+    logps, entropy = completion_logprobs(model, batch, temperature=T)               # in the loss function
+
+The log-probs of a completion are those of the logits divided by the sampling temperature (TRL's convention): the
+distribution the tokens were drawn from when no top-k / top-p / min-p filter is active. `generate` returns exactly
+those (`Completion.logprobs`), so the rollout's own log-probs can serve as the old policy's in the importance
+ratio; with a filter (or bf16 decoding) they are recomputed with a training forward instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.generation import Completion, SamplingParams, generate
+from alignkit.losses.logprobs import entropy_from_logits, token_logprobs
+from alignkit.rewards.verifiable import RewardFn, score_completions
+
+
+@dataclass
+class Rollout:
+    """The completions of one iteration on this rank: G consecutive completions per prompt."""
+
+    prompt_ids: list[list[int]]  # one per prompt
+    completions: list[Completion]  # prompt i's completions are [i * G, (i + 1) * G)
+    group_size: int
+
+    @property
+    def completion_ids(self) -> list[list[int]]:
+        return [c.token_ids for c in self.completions]
+
+    def prompt_of(self, index: int) -> list[int]:
+        return self.prompt_ids[index // self.group_size]
+
+
+def generate_rollout(policy: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+                     *, group_size: int) -> Rollout:
+    """G = group_size samples per prompt from the live policy (each prompt prefilled once and shared)."""
+    params = SamplingParams(**{f.name: getattr(params, f.name) for f in fields(params)} | {"n": group_size})
+    completions = generate(policy, prompt_ids, params, tokenizer=tokenizer)  # type: ignore[arg-type]
+    return Rollout([list(p) for p in prompt_ids], completions, group_size)
+
+
+def score_rollout(rollout: Rollout, functions: Sequence[RewardFn], weights: Sequence[float], prompts: Sequence[Any],
+                  fields_by_prompt: Mapping[str, Sequence[Any]]) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """(rewards [N], each function's values) of a rollout; `prompts` and every field list have one entry per
+    prompt and are repeated for its G completions, as TRL's reward functions expect."""
+    g = rollout.group_size
+    texts = [c.text if c.text is not None else "" for c in rollout.completions]
+    repeated = {key: [value for value in values for _ in range(g)] for key, values in fields_by_prompt.items()}
+    repeated["completion_ids"] = rollout.completion_ids
+    totals, values = score_completions(functions, weights, [p for p in prompts for _ in range(g)], texts, repeated,
+                                       group_size=g)
+    return torch.tensor(totals, dtype=torch.float32), values
+
+
+@dataclass
+class EpisodeBatch:
+    """A micro-batch of episodes for a training forward: prompt + completion, right padded.
+
+    `targets` / `mask` [E, C] are the completion tokens and which of them are real; the per-token tensors
+    (`old_logps`, `ref_logps`, `advantages`, a per-sequence advantage is [E, 1]) line up with them.
+    """
+
+    input_ids: torch.Tensor  # [E, L]
+    logits_mask: torch.Tensor  # [E, L] positions whose next token is a completion token
+    targets: torch.Tensor  # [E, C]
+    mask: torch.Tensor  # [E, C] bool
+    advantages: torch.Tensor  # [E, 1] or [E, C]
+    old_logps: torch.Tensor | None = None  # [E, C]
+    ref_logps: torch.Tensor | None = None  # [E, C]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return EpisodeBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def episode_batches(rollout: Rollout, micro_batch_size: int, *, advantages: torch.Tensor,
+                    loss_mask: torch.Tensor | None = None, old_logps: torch.Tensor | None = None,
+                    ref_logps: torch.Tensor | None = None, pad_id: int = 0) -> list[EpisodeBatch]:
+    """The rollout's episodes in micro-batches of `micro_batch_size`, in order.
+
+    `advantages` is [N] (per sequence) or [N, C]; `loss_mask` [N] False drops a completion from the loss (a
+    truncated one, under mask_truncated_completions); `old_logps` / `ref_logps` are [N, C] padded like the
+    completions (C = the longest completion).
+    """
+    n = len(rollout.completions)
+    width = max((len(c.token_ids) for c in rollout.completions), default=0)
+    targets = _pad(rollout.completion_ids, width, 0, torch.long)
+    mask = torch.arange(width)[None, :] < torch.tensor([len(c.token_ids) for c in rollout.completions])[:, None]
+    if loss_mask is not None:
+        mask = mask & loss_mask[:, None].bool()
+    per_token = advantages if advantages.ndim == 2 else advantages[:, None]
+    batches = []
+    for start in range(0, n, micro_batch_size):
+        rows = range(start, min(start + micro_batch_size, n))
+        sequences = [rollout.prompt_of(i) + rollout.completions[i].token_ids for i in rows]
+        length = max(len(s) for s in sequences)
+        input_ids = _pad(sequences, length, pad_id, torch.long)
+        logits_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for j, i in enumerate(rows):
+            p, c = len(rollout.prompt_of(i)), len(rollout.completions[i].token_ids)
+            logits_mask[j, p - 1 : p - 1 + c] = True
+        part = slice(start, start + len(sequences))
+        batches.append(EpisodeBatch(
+            input_ids=input_ids, logits_mask=logits_mask, targets=targets[part], mask=mask[part],
+            advantages=per_token[part].float(),
+            old_logps=old_logps[part] if old_logps is not None else None,
+            ref_logps=ref_logps[part] if ref_logps is not None else None,
+        ))
+    return batches
+
+
+def completion_logprobs(model: nn.Module, batch: EpisodeBatch, *, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [E, C], entropy [E, C] or None) of the completion tokens under `model`, from logits divided by
+    `temperature`; padding positions hold 0. One forward, logits only at completion positions."""
+    logits = model(batch.input_ids, logits_mask=batch.logits_mask)  # [N, V], row-major over (row, completion)
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    # Completion tokens whose position exists: a real one, or one under a dropped (loss-masked) completion.
+    present = torch.arange(batch.targets.shape[1], device=batch.targets.device)[None, :] < (
+        batch.logits_mask.sum(-1, keepdim=True))
+    flat = token_logprobs(logits, batch.targets[present])
+    logps = torch.zeros(batch.targets.shape, dtype=flat.dtype, device=flat.device).masked_scatter(present, flat)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            flat_entropy = entropy_from_logits(logits)
+        entropy = torch.zeros(batch.targets.shape, dtype=flat_entropy.dtype,
+                              device=flat_entropy.device).masked_scatter(present, flat_entropy)
+    return logps, entropy
+
+
+def rollout_logprobs(rollout: Rollout) -> torch.Tensor:
+    """[N, C] the sampling distribution's log-probs the rollout returned (padding 0)."""
+    width = max((len(c.token_ids) for c in rollout.completions), default=0)
+    return _pad([c.logprobs for c in rollout.completions], width, 0.0, torch.float32)
+
+
+def attach_logprobs(batches: Sequence[EpisodeBatch], model: nn.Module, *, into: str, temperature: float,
+                    device: torch.device, context: Callable[[], Any] | None = None) -> None:
+    """Set `batch.<into>` (old_logps or ref_logps) to the completion log-probs under `model`, without gradients;
+    `context` wraps each forward (the reference of a LoRA policy: its adapters disabled)."""
+    with torch.no_grad():
+        for batch in batches:
+            with context() if context is not None else contextlib.nullcontext():
+                logps, _ = completion_logprobs(model, batch.to(device), temperature=temperature)
+            setattr(batch, into, logps.float().cpu())
