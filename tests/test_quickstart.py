@@ -20,8 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_packaged_recipe_and_overrides() -> None:
     recipe = load_recipe(None)
-    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate", "report"]
-    assert recipe.evaluate.models == ["pretrain", "sft", "dpo"] and recipe.evaluate.reward_models == ["rm"]
+    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate", "report"]
+    assert recipe.evaluate.models == ["pretrain", "sft", "dpo", "grpo"] and recipe.evaluate.reward_models == ["rm"]
     assert all(stage in STAGES for stage in recipe.stages)
     fast = load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
     assert fast.pretrain.train.max_steps == 7  # command line wins over --fast
@@ -126,9 +126,9 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(out)]) == 0
     recipe = config_to_dict(load_recipe(None, fast=True))
-    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate"):
         assert (out / stage).is_dir()
-    for stage in ("pretrain", "sft", "rm", "dpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
         assert (out / stage / "final" / "model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     # The reward model is exported as a score model; DPO cached its SFT-reference log-probs.
@@ -161,11 +161,13 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     report = (out / "report.md").read_text()
     assert "| pretrain | 3 |" in report and "| sft | 3 |" in report
-    assert "| rm | 2 |" in report and "| dpo | 2 |" in report
+    assert "| rm | 2 |" in report and "| dpo | 2 |" in report and "| grpo | 2 |" in report
+    grpo_rows = jsonl(out / "grpo" / "metrics.jsonl")
+    assert grpo_rows[-1]["step"] == 2 and 0.0 <= grpo_rows[-1]["reward"] <= 1.0
     assert "rm: eval/accuracy; dpo: eval/rewards/accuracies" in report
     rows = jsonl(out / "evaluate" / "metrics.jsonl")
-    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rm"]
-    for row in rows[:3]:
+    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "grpo", "rm"]
+    for row in rows[:4]:
         assert 0.0 <= row["accuracy/heldout"] <= 1.0
         # --fast samples 2 answers per problem: the accuracy is a count over 2 * eval_problems samples.
         samples = 2 * recipe["data"]["eval_problems"]
@@ -175,8 +177,8 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert 0.0 <= row["accuracy/preference_heldout"] <= 1.0 and math.isfinite(row["preference/logp_margin"])
         assert row["num_pairs"] == recipe["data"]["preference_eval_problems"]
     # The reward model's held-out accuracy in evaluate is the one its own final eval measured on the same pairs.
-    assert rows[3]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
-    assert "accuracy/heldout" not in rows[3]
+    assert rows[4]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
+    assert "accuracy/heldout" not in rows[4]
     # The report's summary table has a row per evaluated model and states SFT vs DPO.
     assert "## Summary" in report and "| rm | - | - | - |" in report
     assert f"- held-out preference accuracy: sft {rows[1]['accuracy/preference_heldout']:.3f} -> dpo " in report

@@ -22,9 +22,10 @@ from alignkit.errors import ConfigError
 from alignkit.tasks.arithmetic import NEAR_MISS_SHARE
 from alignkit.trainers.configs import PretrainConfig, SFTConfig
 from alignkit.trainers.preference_configs import DPOConfig, RMConfig
+from alignkit.trainers.rl_configs import GRPOConfig
 
 PACKAGED_RECIPE = "quickstart.yaml"
-STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "evaluate", "report")
+STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate", "report")
 
 
 @dataclass
@@ -47,12 +48,14 @@ class TaskDataSection:
     preference_near_miss_share: float = NEAR_MISS_SHARE
     # Held-out preference pairs (held-out operand pairs): rm / dpo eval, and preference accuracy in evaluate.
     preference_eval_problems: int = 300
+    # Prompts {question, answer} for grpo (training operand pairs, new wordings).
+    grpo_problems: int = 4000
 
     def __post_init__(self) -> None:
         if self.difficulty not in (1, 2, 3):
             raise ConfigError(f"data.difficulty must be 1, 2 or 3; got {self.difficulty}.")
         for name in ("pretrain_problems", "problems_per_document", "sft_problems", "eval_problems",
-                     "preference_problems", "preference_eval_problems"):
+                     "preference_problems", "preference_eval_problems", "grpo_problems"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1; got {getattr(self, name)}.")
         for name in ("sft_wrong_operation_share", "preference_near_miss_share"):
@@ -122,6 +125,8 @@ class QuickstartRecipe:
     rm: RMConfig = field(default_factory=RMConfig)
     # DPO from the SFT model (an `alignkit train dpo` config).
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # GRPO from the SFT model with the task's checker as the reward (an `alignkit train grpo` config).
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     # The held-out evaluation of every listed model.
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     # Overrides `--fast` applies (dotted keys): the whole pipeline in seconds, for tests.
@@ -142,6 +147,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "sft": {"data": "the chat records", "pretrain": "the pretrained model to fine-tune"},
     "rm": {"data": "the preference pairs", "sft": "the SFT model the reward model starts from"},
     "dpo": {"data": "the preference pairs", "sft": "the SFT model, which is both the starting policy and the reference"},
+    "grpo": {"data": "the RL prompts", "sft": "the SFT model GRPO starts from"},
     "evaluate": {"data": "the held-out problems and preference pairs"},
 }
 

@@ -1,7 +1,7 @@
 """The quickstart's stages and the loop that runs them: each stage is a function of a `StageContext` (the run
 directory, the typed recipe, earlier stages' results) that writes into its own folder of the run directory.
 
-    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> evaluate -> report
+    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> grpo -> evaluate -> report
 
 The training stages are ordinary `alignkit train` runs: the recipe's section is the stage's config, and the
 pipeline fills in the paths between stages (tokenizer, data files, model.path), train.seed (the recipe's seed)
@@ -90,6 +90,7 @@ def stage_data(ctx: StageContext) -> StageResult:
         "sft_eval": out / "sft_eval.jsonl",
         "preferences": out / "preferences.jsonl",
         "preferences_eval": out / "preferences_eval.jsonl",
+        "grpo_prompts": out / "grpo_prompts.jsonl",
     }
     texts = arithmetic.as_pretraining_text(pretrain, seed=seed, per_document=data.problems_per_document)
     write_jsonl(paths["pretrain_text"], [{"text": t} for t in texts])
@@ -102,6 +103,9 @@ def stage_data(ctx: StageContext) -> StageResult:
         preference, seed=seed, near_miss_share=data.preference_near_miss_share))
     write_jsonl(paths["preferences_eval"], arithmetic.as_preference_records(
         preference_heldout, seed=seed + 1000, near_miss_share=data.preference_near_miss_share))
+    # RL prompts with a checkable answer: training operand pairs, a seed no other file uses (7).
+    grpo = arithmetic.make_problems(data.grpo_problems, seed * 10 + 7, data.difficulty)
+    write_jsonl(paths["grpo_prompts"], [{"question": p.question, "answer": p.answer} for p in grpo])
     return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout),
                                              "preference_pairs": len(preference),
                                              "heldout_preference_pairs": len(preference_heldout)})
@@ -174,6 +178,14 @@ def stage_dpo(ctx: StageContext) -> StageResult:
     return _preference_stage(ctx, copy.deepcopy(ctx.recipe.dpo))
 
 
+def stage_grpo(ctx: StageContext) -> StageResult:
+    """GRPO from the SFT model on the task's prompts, rewarded by the answer checker (RL with verifiable rewards)."""
+    cfg = copy.deepcopy(ctx.recipe.grpo)
+    cfg.model.path = str(ctx.require("sft", "model_dir"))
+    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
+    return _train(ctx, cfg)
+
+
 def stage_evaluate(ctx: StageContext) -> StageResult:
     """Held-out task accuracy, preference accuracy and loss of each listed model; reward models' pair accuracy."""
     from alignkit.eval import evaluate_language_model, evaluate_reward_model
@@ -223,6 +235,7 @@ STAGES: dict[str, Callable[[StageContext], StageResult]] = {
     "sft": stage_sft,
     "rm": stage_rm,
     "dpo": stage_dpo,
+    "grpo": stage_grpo,
     "evaluate": stage_evaluate,
     "report": stage_report,
 }

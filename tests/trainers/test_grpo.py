@@ -55,11 +55,13 @@ def grpo_cfg(tmp_path: Path, **overrides: Any) -> GRPOConfig:
 
 
 def test_grpo_raises_a_toy_reward_and_logs_trl_metrics(tmp_path: Path) -> None:
-    result = run("grpo", grpo_cfg(tmp_path))
+    result = run("grpo", grpo_cfg(tmp_path, **{"optim.lr": 1e-2, "train.max_steps": 30}))
     rows = result.metrics
-    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    # About 10% of random bytes are lowercase letters; the policy learns to write mostly letters (measured: 0.11 at
+    # the first step, 0.98 at the last).
     first, last = sum(r["reward"] for r in rows[:4]) / 4, sum(r["reward"] for r in rows[-4:]) / 4
-    assert last > first + 0.1, [round(r["reward"], 3) for r in rows]
+    assert first < 0.3 and last > 0.7, [round(r["reward"], 3) for r in rows]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/lowercase/mean", "rewards/lowercase/std",
                 "completions/mean_length", "completions/min_length", "completions/max_length",
                 "completions/clipped_ratio", "completions/mean_terminated_length", "entropy", "clip_ratio/low_mean",
