@@ -34,18 +34,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_nodes_on_loopback_train_like_one_process(tmp_path: Path) -> None:
+def pretrain_command(tmp_path: Path) -> list[str]:
+    """`python` arguments of `alignkit train pretrain` on a small text file and the recipe above."""
     texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}" for i in range(60)]
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "data": {**RECIPE["data"], "train": str(data)}}))
+    return ["-m", "alignkit.cli", "train", "pretrain", "--config", str(recipe)]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_on_loopback_train_like_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = ["-m", "alignkit.cli", "train", "pretrain", "--config", str(recipe)]
+    train = pretrain_command(tmp_path)
 
     single = subprocess.run([sys.executable, *train, f"train.output_dir={tmp_path / 'one'}"], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=240)
@@ -84,13 +89,8 @@ def test_fsdp2_pretrain_checkpoints_and_exports_whole_tensors(tmp_path: Path) ->
 
     from alignkit.checkpoint import load_pretrained
 
-    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}" for i in range(60)]
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**RECIPE, "data": {**RECIPE["data"], "train": str(data)}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = ["-m", "alignkit.cli", "train", "pretrain", "--config", str(recipe)]
+    train = pretrain_command(tmp_path)
     single = subprocess.run([sys.executable, *train, f"train.output_dir={tmp_path / 'one'}"], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
