@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to whatever sys.stderr is at that moment (a redirected or captured stream), not the one
+    that existed when the handler was made."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def show_logs() -> None:
     """Print the package's diagnostics (the `alignkit` loggers: data statistics, resume notes, warnings) on stderr.
 
@@ -45,7 +58,7 @@ def show_logs() -> None:
     configures `logging` as it likes."""
     logger = logging.getLogger("alignkit")
     if not any(getattr(h, "alignkit_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.alignkit_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

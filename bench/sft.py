@@ -56,8 +56,8 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     from alignkit.config import config_from_dict
     from alignkit.engine import StepBatches
     from alignkit.trainers import run
-    from alignkit.trainers.language import batching, load_examples
     from alignkit.trainers.configs import SFTConfig
+    from alignkit.trainers.language import batching, load_examples
 
     cfg = config_from_dict(SFTConfig, {
         "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
