@@ -16,5 +16,14 @@ class CheckpointError(UserError):
     """A checkpoint file or directory that cannot be loaded: names the file and the tensor or key."""
 
 
+def check_at_least(section: str, obj: object, minimum: int, names: tuple[str, ...]) -> None:
+    """A ConfigError naming `section.name` when any of `obj`'s `names` is below `minimum`."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            rule = "at least 1" if minimum == 1 else f"{minimum} or more"
+            raise ConfigError(f"{section}.{name} must be {rule}; got {value}.")
+
+
 class DataError(UserError):
     """A dataset file or record that cannot be used: names the file, line or record index, and field."""

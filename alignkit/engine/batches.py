@@ -31,6 +31,7 @@ class StepBatches(Generic[Item]):
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        source: str = "",
     ) -> None:
         if batch_size % (micro_batch_size * world_size):
             raise ConfigError(
@@ -39,8 +40,8 @@ class StepBatches(Generic[Item]):
             )
         if len(items) < batch_size:
             raise DataError(
-                f"The training set has {len(items)} examples (after packing), fewer than one global batch of "
-                f"{batch_size}; lower train.batch_size or add data."
+                f"{source + ': ' if source else ''}The training set has {len(items)} examples (after packing), "
+                f"fewer than one global batch of {batch_size}; lower train.batch_size or add data."
             )
         self.items = items
         self.collate = collate

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, check_at_least
 
 
 @dataclass
@@ -96,12 +96,8 @@ class TrainSection:
                 f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
                 f"{self.micro_batch_size}; the global batch is split into equal micro-batches."
             )
-        for name in ("log_every",):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("eval_every", "save_every", "keep_last", "num_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be 0 or more; got {getattr(self, name)}.")
+        check_at_least("train", self, 1, ("log_every",))
+        check_at_least("train", self, 0, ("eval_every", "save_every", "keep_last", "num_threads"))
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be at least 1 (or null to use train.epochs); got {self.max_steps}.")
         if not self.epochs > 0:

@@ -201,7 +201,8 @@ class FlopCounter:
         batch, seq = input_ids.shape
         cache = kwargs.get("kv_cache")
         past = cache.length if cache is not None else 0
-        pairs = attention_pairs(batch, seq, past, kwargs.get("attention_mask"), kwargs.get("document_ids"))
+        pairs = attention_pairs(batch, seq, past, kwargs.get("attention_mask"), kwargs.get("document_ids"),
+                                position_ids=kwargs.get("position_ids"))
         per_pair = 4.0 * watched.attention_width * watched.num_layers  # QK^T and PV in every layer
         linear = watched.forward_per_position * batch * seq
         if self._training(watched):
@@ -224,12 +225,15 @@ class FlopCounter:
 
 
 def attention_pairs(batch: int, seq: int, past: int, attention_mask: torch.Tensor | None,
-                    document_ids: torch.Tensor | None) -> torch.Tensor | float:
-    """(query, key) pairs the forward's mask allows, padding queries and keys excluded."""
+                    document_ids: torch.Tensor | None, *, position_ids: torch.Tensor | None = None
+                    ) -> torch.Tensor | float:
+    """(query, key) pairs the forward's mask allows, padding queries and keys excluded. In packed rows each token
+    sees its document up to itself: position + 1 keys (the positions the batch carries, or derived here)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.sum()
     if document_ids is not None:
-        return (positions_from_documents(document_ids) + 1).sum()
+        positions = position_ids if position_ids is not None else positions_from_documents(document_ids)
+        return (positions + 1).sum()
     if attention_mask is not None:
         real = attention_mask.long()
         # A real query sees the real keys at or before it.

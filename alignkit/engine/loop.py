@@ -430,8 +430,7 @@ class Engine:
         """Model `name` as `alignkit.generation.generate` wants it: the plain module (not its DDP wrapper), with
         full parameters under FSDP2, in eval mode; training mode (and sharding) come back when the block ends.
         The weights are the live ones: no copy is made."""
-        module = self.modules[name] if name in self.modules else Models(
-            {n: f.module for n, f in self.frozen.items()})[name]
+        module = Models({**self.modules, **{n: f.module for n, f in self.frozen.items()}})[name]
         was_training = module.training
         with dist.full_parameters(module):
             module.eval()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from alignkit.config import config_from_dict
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, check_at_least
 from alignkit.tasks.arithmetic import NEAR_MISS_SHARE
 from alignkit.trainers.configs import PretrainConfig, SFTConfig
 from alignkit.trainers.preference_configs import DPOConfig, RMConfig
@@ -54,10 +54,9 @@ class TaskDataSection:
     def __post_init__(self) -> None:
         if self.difficulty not in (1, 2, 3):
             raise ConfigError(f"data.difficulty must be 1, 2 or 3; got {self.difficulty}.")
-        for name in ("pretrain_problems", "problems_per_document", "sft_problems", "eval_problems",
-                     "preference_problems", "preference_eval_problems", "grpo_problems"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be at least 1; got {getattr(self, name)}.")
+        check_at_least("data", self, 1, ("pretrain_problems", "problems_per_document", "sft_problems",
+                                         "eval_problems", "preference_problems", "preference_eval_problems",
+                                         "grpo_problems"))
         for name in ("sft_wrong_operation_share", "preference_near_miss_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.{name} must be a share in [0, 1]; got {getattr(self, name)}.")
@@ -98,9 +97,7 @@ class EvaluateSection:
     def __post_init__(self) -> None:
         if len(self.compare) != 2:
             raise ConfigError(f"evaluate.compare is {self.compare!r}; it names two evaluated models, e.g. [sft, dpo].")
-        for name in ("max_new_tokens", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"evaluate.{name} must be at least 1; got {getattr(self, name)}.")
+        check_at_least("evaluate", self, 1, ("max_new_tokens", "batch_size", "max_length"))
         if self.samples_per_problem < 0 or self.temperature < 0:
             raise ConfigError("evaluate.samples_per_problem and evaluate.temperature must be >= 0.")
 

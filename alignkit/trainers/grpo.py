@@ -45,6 +45,7 @@ from alignkit.rewards.verifiable import R1_SYSTEM_PROMPT, RewardFn, load_reward_
 from alignkit.rollout import (
     EpisodeBatch,
     attach_logprobs,
+    completion_logprobs,
     episode_batches,
     generate_rollout,
     rollout_logprobs,
@@ -116,7 +117,8 @@ def make_loss_fn(cfg: GRPOConfig, device: torch.device) -> Callable[[Models, Epi
 
     def loss_fn(models: Models, batch: EpisodeBatch, count: int) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = batch.to(device)
-        logps, entropy = completion_logprobs_with_entropy(models["policy"], batch, temperature)
+        logps, entropy = completion_logprobs(models["policy"], batch, temperature=temperature, with_entropy=True)
+        assert entropy is not None
         old = batch.old_logps if batch.old_logps is not None else logps.detach()
         per_token, ratio = clipped_surrogate(logps, old, batch.advantages, epsilon=g.epsilon, epsilon_high=g.epsilon_high)
         mask = batch.mask
@@ -140,15 +142,6 @@ def make_loss_fn(cfg: GRPOConfig, device: torch.device) -> Callable[[Models, Epi
         return loss, metrics
 
     return loss_fn
-
-
-def completion_logprobs_with_entropy(model: Any, batch: EpisodeBatch, temperature: float
-                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    from alignkit.rollout import completion_logprobs
-
-    logps, entropy = completion_logprobs(model, batch, temperature=temperature, with_entropy=True)
-    assert entropy is not None
-    return logps, entropy
 
 
 def rollout_metrics(rewards: torch.Tensor, values: dict[str, list[float]], group_size: int, lengths: list[int],

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, check_at_least
 from alignkit.trainers.configs import ChatStageConfig, DataSection, OptimSection
 
 
@@ -30,9 +30,7 @@ class RolloutSection:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_generations", "max_prompt_length", "max_completion_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"rollout.{name} must be at least 1; got {getattr(self, name)}.")
+        check_at_least("rollout", self, 1, ("num_generations", "max_prompt_length", "max_completion_length"))
         if not self.temperature > 0:
             raise ConfigError(f"rollout.temperature must be > 0 for sampling; got {self.temperature}.")
         if not 0 < self.top_p <= 1 or self.top_k < 0:

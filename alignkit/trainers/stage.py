@@ -188,12 +188,9 @@ def train_stage(
     directory exists and before the first step (DPO precomputes its reference log-probs there); `state` objects go
     into every checkpoint; `on_step` sees each step's row.
     """
-    try:
-        batches = StepBatches(train_items, collate=collate, batch_size=cfg.train.batch_size,
-                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                              rank=info.rank, world_size=info.world_size)
-    except DataError as e:
-        raise DataError(f"{cfg.data.train}: {e}") from None
+    batches = StepBatches(train_items, collate=collate, batch_size=cfg.train.batch_size,
+                          micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                          rank=info.rank, world_size=info.world_size, source=cfg.data.train)
     steps = total_steps(cfg.train, batches.steps_per_epoch)
     eval_fn = None
     if eval_items and evaluate_batch is not None:
