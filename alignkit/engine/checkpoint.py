@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from alignkit.errors import CheckpointError
+from alignkit.errors import CheckpointError, ConfigError
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -159,6 +159,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         if match and path.is_dir() and (path / "state.json").is_file():
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def refuse_restart(run_dir: str | Path) -> None:
+    """A ConfigError when `run_dir` holds checkpoints and the run was not asked to resume them."""
+    if list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints from an earlier run; pass --resume (train.resume=true) to continue "
+            "it, or choose another train.output_dir."
+        )
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -51,9 +51,9 @@ from alignkit.engine.checkpoint import (
     decode_state,
     encode_state,
     latest_checkpoint,
-    list_checkpoints,
     load_model_state,
     read_state,
+    refuse_restart,
     remove_partial_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -189,11 +189,8 @@ class Engine:
         self.flops = FlopCounter()
         self.flops.watch([*self.modules.values(), *(item.module for item in self.frozen.values())])
         self.peak_flops = cfg.peak_flops or peak_flops(self.dist.device, cfg.precision)
-        if not cfg.resume and list_checkpoints(self.run_dir):
-            raise ConfigError(
-                f"{self.run_dir} already holds checkpoints from an earlier run; pass --resume (train.resume=true) "
-                "to continue it, or choose another train.output_dir."
-            )
+        if not cfg.resume:
+            refuse_restart(self.run_dir)
 
     # ------------------------------------------------------------------------------------------ the loop
 

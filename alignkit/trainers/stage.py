@@ -141,16 +141,13 @@ def config_to_dict_flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any
 def prepare_run_dir(cfg: Any, info: DistInfo) -> Path:
     """Check a resumed run against the one it continues, then create the run directory and write the resolved
     config.yaml and run.json (rank 0)."""
-    from alignkit.engine.checkpoint import list_checkpoints
+    from alignkit.engine.checkpoint import refuse_restart
 
     run_dir = Path(cfg.train.output_dir)
     if cfg.train.resume:
         check_resume(run_dir, cfg)
-    elif list_checkpoints(run_dir):
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints from an earlier run; pass --resume (train.resume=true) to continue "
-            "it, or choose another train.output_dir."
-        )
+    else:  # before config.yaml is written over the earlier run's
+        refuse_restart(run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
