@@ -34,6 +34,7 @@ from alignkit.engine import distributed as dist
 from alignkit.errors import DataError
 from alignkit.generation import SamplingParams
 from alignkit.losses.policy import (
+    STD_EPS,
     aggregate,
     clipped_surrogate,
     counts_tokens,
@@ -214,28 +215,28 @@ def train(cfg: GRPOConfig) -> RunResult:
     for _ in engine.iterations():
         started = time.perf_counter()
         [batch] = next(stream)  # this rank's prompts
+        # One switch to the generation model for the rollout and the no-grad forwards (one all-gather under FSDP2).
         with engine.generation_model("policy") as policy:
             rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling, group_size=g)
-        keys = sorted({key for item in batch for key in item.fields})
-        rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
-                                        {key: [item.fields.get(key) for item in batch] for key in keys})
-        lengths = [len(c.token_ids) for c in rollout.completions]
-        truncated = [c.finish_reason == "length" for c in rollout.completions]
-        loss_mask = torch.tensor([not cut for cut in truncated]) if cfg.grpo.mask_truncated_completions else None
+            keys = sorted({key for item in batch for key in item.fields})
+            rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
+                                            {key: [item.fields.get(key) for item in batch] for key in keys})
+            lengths = [len(c.token_ids) for c in rollout.completions]
+            truncated = [c.finish_reason == "length" for c in rollout.completions]
+            loss_mask = torch.tensor([not cut for cut in truncated]) if cfg.grpo.mask_truncated_completions else None
 
-        # Advantages, and the old policy's and reference's log-probs of every completion token.
-        est = cfg.grpo.advantage_estimator
-        advantages = torch.zeros(len(lengths))
-        if est in ("grpo", "rloo"):
-            if cfg.grpo.scale_rewards == "batch" and info.world_size > 1:
-                everyone = torch.cat([torch.as_tensor(r) for r in dist.all_gather_object(rewards.tolist())])
-                advantages = group_advantages(rewards, g, estimator=est, scale_rewards="none") / (everyone.std() + 1e-4)
-            else:
-                advantages = group_advantages(rewards, g, estimator=est, scale_rewards=cfg.grpo.scale_rewards)
-        batches = episode_batches(rollout, cfg.train.micro_batch_size, advantages=advantages, loss_mask=loss_mask,
-                                  old_logps=rollout_logprobs(rollout) if use_rollout_logps else None,
-                                  pad_id=tokenizer.pad_token_id)
-        with engine.generation_model("policy") as policy:
+            # Advantages, and the old policy's and reference's log-probs of every completion token.
+            est = cfg.grpo.advantage_estimator
+            advantages = torch.zeros(len(lengths))
+            if est in ("grpo", "rloo"):
+                if cfg.grpo.scale_rewards == "batch" and info.world_size > 1:
+                    everyone = torch.cat([torch.as_tensor(r) for r in dist.all_gather_object(rewards.tolist())])
+                    advantages = group_advantages(rewards, g, estimator=est, scale_rewards="none") / (everyone.std() + STD_EPS)
+                else:
+                    advantages = group_advantages(rewards, g, estimator=est, scale_rewards=cfg.grpo.scale_rewards)
+            batches = episode_batches(rollout, cfg.train.micro_batch_size, advantages=advantages, loss_mask=loss_mask,
+                                      old_logps=rollout_logprobs(rollout) if use_rollout_logps else None,
+                                      pad_id=tokenizer.pad_token_id)
             if not use_rollout_logps:
                 attach_logprobs(batches, policy, into="old_logps", temperature=cfg.rollout.temperature,
                                 device=info.device)
