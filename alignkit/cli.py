@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "quickstart": "alignkit.quickstart",
     "train": "alignkit.trainers.cli",
     "generate": "alignkit.generation.cli",
+    "sample": "alignkit.rollout.cli",
     "convert": "alignkit.checkpoint.cli",
     "info": "alignkit.checkpoint.cli",
     "merge": "alignkit.checkpoint.cli",

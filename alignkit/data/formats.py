@@ -221,7 +221,7 @@ class VerifiablePrompt:
     """A prompt for RL with a checkable answer: `messages` to generate from, `answer` the reference."""
 
     messages: list[Message]
-    answer: str
+    answer: str | None  # None only when the answer was optional and the record has none
 
 
 def verifiable_prompts(
@@ -231,16 +231,23 @@ def verifiable_prompts(
     answer_field: str = "answer",
     system_prompt: str | None = None,
     source: str = "",
+    require_answer: bool = True,
 ) -> list[VerifiablePrompt]:
     """{question, answer} records -> prompts with a reference answer.
 
     A GSM8K-style answer ("...\\n#### 72") gives "72"; any other answer is used as given (stripped; numbers
-    are converted to strings).
+    are converted to strings). `require_answer=False` lets records without one through (answer None: prompts
+    scored by a reward model).
     """
     prompts = []
     for index, record in enumerate(records):
         question = require_str(record, question_field, index=index, source=source)
+        messages: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": question})
         if answer_field not in record or record[answer_field] is None:
+            if not require_answer:
+                prompts.append(VerifiablePrompt(messages=messages, answer=None))
+                continue
             raise DataError(f"{_where(index, source)} has no {answer_field!r} field (it has {sorted(record)}).")
         raw = record[answer_field]
         if isinstance(raw, str):
@@ -249,7 +256,5 @@ def verifiable_prompts(
             answer = str(raw)
         if not answer:
             raise DataError(f"{_where(index, source)}: {answer_field!r} gives an empty reference answer.")
-        messages: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": question})
         prompts.append(VerifiablePrompt(messages=messages, answer=answer))
     return prompts

@@ -11,6 +11,7 @@ from alignkit.errors import CheckpointError, ConfigError
 from alignkit.generation.engine import generate
 from alignkit.generation.sampling import SamplingParams
 from alignkit.model import DTYPES
+from alignkit.rollout.cli import add_reward_arguments, load_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def add_generate_command(subparsers: Any) -> None:
     source.add_argument("--chat", help="a user message; the chat template is applied with the generation prompt")
     parser.add_argument("--system", help="system message for --chat")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default 0)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 is greedy decoding (default 0; 1 with --best-of)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
@@ -38,15 +40,31 @@ def add_generate_command(subparsers: Any) -> None:
     parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    best = parser.add_argument_group("best-of-n", "sample N answers, score each with --reward, print the best")
+    best.add_argument("--best-of", type=int, default=None, metavar="N", help="samples to choose from")
+    add_reward_arguments(best, required=False)
+    best.add_argument("--answer", help="the reference answer, for a checker reward (accuracy, arithmetic)")
     parser.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if args.system is not None and args.chat is None:
         raise ConfigError("--system only applies to --chat; use --chat for a chat prompt or drop --system.")
+    functions: list[Any] = []
+    if args.best_of is not None:
+        if args.best_of < 1 or not args.reward or args.n != 1:
+            raise ConfigError("--best-of N needs N >= 1 and at least one --reward (and no --n: one answer is printed).")
+        if args.temperature is None:
+            args.temperature = 1.0
+        if not args.temperature > 0:
+            raise ConfigError("--best-of needs --temperature > 0 (greedy decoding gives the same answer every time).")
+        functions, weights = load_rewards(args, "cpu")  # a bad reward spec fails before the model loads
+    elif args.reward or args.answer is not None:
+        raise ConfigError("--reward and --answer choose among --best-of N samples; add --best-of N.")
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, n=args.n, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        n=args.best_of or args.n, seed=args.seed,
     )
     import alignkit
 
@@ -67,10 +85,29 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
 
+    if functions:
+        return _print_best_of(args, model, tokenizer, prompt, params, functions, weights)
     start = time.perf_counter()
     completions = generate(model, [prompt], params, tokenizer=tokenizer)
     elapsed = time.perf_counter() - start
     num_tokens = sum(len(c.token_ids) for c in completions)
     logger.info(f"generated {num_tokens} tokens in {elapsed:.1f}s ({num_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
     print("\n\n".join(c.text or "" for c in completions))
+    return 0
+
+
+def _print_best_of(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int], params: SamplingParams,
+                   functions: list[Any], weights: list[float]) -> int:
+    """Sample `--best-of` answers, log each one's reward, print the best."""
+    from alignkit.rollout.best_of import sample_and_select
+    from alignkit.rollout.prompts import PromptItem
+
+    question = args.chat if args.chat is not None else args.prompt
+    fields = {"answer": args.answer} if args.answer is not None else {}
+    item = PromptItem(messages=[{"role": "user", "content": question}], prompt_ids=list(prompt), question=question,
+                      fields=fields)
+    samples = sample_and_select(model, tokenizer, [item], params, n=params.n, functions=functions, weights=weights)
+    for i, sample in enumerate(samples):
+        logger.info(f"sample {i}: reward {sample.reward:.4f}{'  <- best' if sample.kept else ''}")
+    print(next(s.completion for s in samples if s.kept))
     return 0

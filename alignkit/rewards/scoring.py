@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -149,3 +149,23 @@ def score_conversations(model: nn.Module, tokenizer: Tokenizer, conversations: S
     """Rewards of (prompt, response) pairs (response None: the prompt is a whole conversation)."""
     sequences = [conversation_ids(tokenizer, p, r, max_length=max_length) for p, r in conversations]
     return score_ids(model, sequences, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+
+
+def reward_model_function(path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32, batch_size: int = 8, max_length: int | None = None
+                          ) -> Callable[..., list[float | None]]:
+    """A reward model as a reward function `(prompts, completions, **fields) -> rewards` (`rm:PATH` in a reward
+    spec), loaded once.
+
+    It works on text: each (prompt, completion) is rendered with the reward model's own tokenizer and chat template,
+    so a policy with another tokenizer is scored correctly (the completion's text is re-tokenised). A prompt is the
+    user's message or a message list.
+    """
+    model, tokenizer = load_reward_model(path, dtype=dtype, device=device)
+    model.requires_grad_(False)
+
+    def reward_model(prompts: Sequence[Any], completions: Sequence[str], **_: Any) -> list[float | None]:
+        return list(score_conversations(model, tokenizer, list(zip(prompts, completions)), max_length=max_length,
+                                        batch_size=batch_size))
+
+    return reward_model

@@ -135,13 +135,22 @@ def overlong_penalty(max_completion_length: int, cache: int) -> RewardFn:
 BUILTINS: dict[str, RewardFn] = {"accuracy": accuracy, "format": r1_format, "arithmetic": arithmetic}
 
 
-def load_reward_function(spec: str) -> RewardFn:
-    """A built-in by name, `package.module:function`, or `path/to/file.py:function`."""
+def load_reward_function(spec: str, *, device: Any = "cpu") -> RewardFn:
+    """A built-in by name, `rm:PATH` (a trained reward model, loaded on `device`), `package.module:function`, or
+    `path/to/file.py:function`."""
     if spec in BUILTINS:
         return BUILTINS[spec]
+    if spec.startswith("rm:"):
+        from alignkit.errors import CheckpointError
+        from alignkit.rewards.scoring import reward_model_function
+
+        try:
+            return reward_model_function(spec[3:], device=device)
+        except (CheckpointError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"reward {spec!r}: the reward model cannot be loaded: {e}") from None
     if ":" not in spec:
-        raise ConfigError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTINS)}) nor module:function "
-                          "or path/to/file.py:function.")
+        raise ConfigError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTINS)}) nor rm:PATH, "
+                          "module:function or path/to/file.py:function.")
     location, name = spec.rsplit(":", 1)
     if location.endswith(".py"):
         path = Path(location)

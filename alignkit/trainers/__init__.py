@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "rm": "alignkit.trainers.rm",
     "dpo": "alignkit.trainers.dpo",
     "grpo": "alignkit.trainers.grpo",
+    "rs": "alignkit.trainers.rs",
 }
 
 

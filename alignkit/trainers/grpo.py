@@ -10,15 +10,12 @@ objective; the loop below reads top to bottom on the engine's step API.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from alignkit.data.formats import verifiable_prompts
 from alignkit.engine import (
     Engine,
     Frozen,
@@ -42,7 +39,7 @@ from alignkit.losses.policy import (
     kl_estimate,
     reinforce_pp_advantages,
 )
-from alignkit.rewards.verifiable import R1_SYSTEM_PROMPT, RewardFn, load_reward_function, overlong_penalty
+from alignkit.rewards.verifiable import RewardFn, load_reward_function, overlong_penalty
 from alignkit.rollout import (
     EpisodeBatch,
     attach_logprobs,
@@ -52,7 +49,8 @@ from alignkit.rollout import (
     rollout_logprobs,
     score_rollout,
 )
-from alignkit.tokenizer import Tokenizer, set_chat_template
+from alignkit.rollout.prompts import load_prompts, prompt_fields
+from alignkit.tokenizer import set_chat_template
 from alignkit.trainers.common import (
     RunResult,
     add_lora,
@@ -66,44 +64,10 @@ from alignkit.trainers.rl_configs import GRPOConfig
 from alignkit.trainers.stage import export, prepare_run_dir
 
 Config = GRPOConfig
-logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PromptItem:
-    """One prompt: its token ids (chat template + generation prompt), its question, and the record's other fields."""
-
-    prompt_ids: list[int]
-    question: str
-    fields: dict[str, Any]
-
-
-def load_prompts(cfg: GRPOConfig, tokenizer: Tokenizer, *, is_main: bool) -> list[PromptItem]:
-    """Prompt records -> items; a record without an answer is a DataError naming the file and record, prompts longer
-    than rollout.max_prompt_length are dropped and counted."""
-    records = read_records(cfg.data.train, cfg.data)
-    system = R1_SYSTEM_PROMPT if cfg.rollout.system_prompt == "r1" else cfg.rollout.system_prompt
-    prompts = verifiable_prompts(records, system_prompt=system, source=cfg.data.train)
-    items, too_long = [], 0
-    for record, prompt in zip(records, prompts):
-        ids = list(tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True).input_ids)
-        if len(ids) > cfg.rollout.max_prompt_length:
-            too_long += 1
-            continue
-        fields = {key: value for key, value in record.items() if key != "question"}
-        fields["answer"] = prompt.answer
-        items.append(PromptItem(ids, prompt.messages[-1]["content"], fields))
-    if is_main:
-        logger.info(f"data: {len(items)} of {len(records)} prompts from {cfg.data.train} ({too_long} longer than "
-                    f"rollout.max_prompt_length {cfg.rollout.max_prompt_length} dropped).")
-    if not items:
-        raise DataError(f"{cfg.data.train}: no prompt fits rollout.max_prompt_length {cfg.rollout.max_prompt_length}; "
-                        "raise it or shorten the prompts.")
-    return items
-
-
-def reward_functions(cfg: GRPOConfig) -> tuple[list[RewardFn], list[float]]:
-    functions = [load_reward_function(spec) for spec in cfg.grpo.reward_funcs]
+def reward_functions(cfg: GRPOConfig, device: torch.device) -> tuple[list[RewardFn], list[float]]:
+    functions = [load_reward_function(spec, device=device) for spec in cfg.grpo.reward_funcs]
     weights = list(cfg.grpo.reward_weights or [1.0] * len(functions))
     if cfg.grpo.overlong_cache is not None:
         functions.append(overlong_penalty(cfg.rollout.max_completion_length, cfg.grpo.overlong_cache))
@@ -173,7 +137,7 @@ def rollout_metrics(rewards: torch.Tensor, values: dict[str, list[float]], group
 
 def train(cfg: GRPOConfig) -> RunResult:
     info = setup(cfg.train)
-    functions, weights = reward_functions(cfg)  # a bad reward spec fails before any model is loaded
+    functions, weights = reward_functions(cfg, info.device)  # a bad reward spec fails before the policy loads
 
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     model, tokenizer = build_model(cfg.model, tokenizer, device=info.device)
@@ -184,7 +148,9 @@ def train(cfg: GRPOConfig) -> RunResult:
     if cfg.grpo.beta > 0 and not cfg.lora.enabled:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-    items = load_prompts(cfg, tokenizer, is_main=info.is_main)
+    items = load_prompts(read_records(cfg.data.train, cfg.data), tokenizer, source=cfg.data.train,
+                         max_prompt_length=cfg.rollout.max_prompt_length, system_prompt=cfg.rollout.system_prompt,
+                         log=info.is_main)
     g = cfg.rollout.num_generations
     prompts_per_step = cfg.train.batch_size // g
     if prompts_per_step % info.world_size:
@@ -218,9 +184,8 @@ def train(cfg: GRPOConfig) -> RunResult:
         # One switch to the generation model for the rollout and the no-grad forwards (one all-gather under FSDP2).
         with engine.generation_model("policy") as policy:
             rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling, group_size=g)
-            keys = sorted({key for item in batch for key in item.fields})
             rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
-                                            {key: [item.fields.get(key) for item in batch] for key in keys})
+                                            prompt_fields(batch))
             lengths = [len(c.token_ids) for c in rollout.completions]
             truncated = [c.finish_reason == "length" for c in rollout.completions]
             loss_mask = torch.tensor([not cut for cut in truncated]) if cfg.grpo.mask_truncated_completions else None

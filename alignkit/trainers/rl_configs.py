@@ -39,7 +39,8 @@ class RolloutSection:
 
 @dataclass
 class GRPOSection:
-    # Reward functions: built-ins (accuracy, format, arithmetic), module:function or path/to/file.py:function.
+    # Reward functions: built-ins (accuracy, format, arithmetic), rm:PATH (a trained reward model), module:function
+    # or path/to/file.py:function.
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
     # One weight per reward function (default 1.0 each).
     reward_weights: list[float] | None = None
@@ -121,3 +122,61 @@ class GRPOConfig(ChatStageConfig):
             )
         if self.grpo.overlong_cache is not None and self.grpo.overlong_cache > self.rollout.max_completion_length:
             raise ConfigError("grpo.overlong_cache must not exceed rollout.max_completion_length.")
+
+
+@dataclass
+class RSSection:
+    # Rounds of sample -> filter -> SFT; each round samples from (and fine-tunes) the previous round's model.
+    rounds: int = 1
+    # Prompts sampled per round: null takes every prompt each round; a number takes the next that many of the
+    # shuffled prompts (wrapping around), so successive rounds see new prompts.
+    prompts_per_round: int | None = None
+    # Reward functions, as grpo.reward_funcs: built-ins, rm:PATH, module:function or path/to/file.py:function.
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
+    # One weight per reward function (default 1.0 each).
+    reward_weights: list[float] | None = None
+    # Which samples of a prompt are kept: best (the top one), top-k (the k best distinct), threshold (every
+    # distinct sample with reward >= threshold).
+    keep: Literal["best", "top-k", "threshold"] = "best"
+    # Samples kept per prompt under top-k.
+    k: int = 1
+    # Lowest reward a kept sample may have (with a 0/1 checker, 1 keeps correct answers only); null: no floor.
+    threshold: float | None = None
+    # Train each round on every round's kept samples so far (true) or on this round's only (false).
+    accumulate: bool = False
+    # Prompts per generation batch while sampling.
+    sample_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_at_least("rs", self, 1, ("rounds", "k", "sample_batch_size"))
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ConfigError(f"rs.prompts_per_round must be at least 1 (or null); got {self.prompts_per_round}.")
+        if not self.reward_funcs:
+            raise ConfigError("rs.reward_funcs is empty; name at least one reward function, e.g. accuracy.")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"rs.reward_weights has {len(self.reward_weights)} values for "
+                              f"{len(self.reward_funcs)} reward functions; give one weight each.")
+        if self.keep == "threshold" and self.threshold is None:
+            raise ConfigError("rs.keep is threshold but rs.threshold is null; set the lowest reward to keep.")
+
+
+@dataclass
+class RSConfig(ChatStageConfig):
+    """Rejection sampling (Llama 3's post-training step): sample rollout.num_generations answers per prompt, keep
+    the best by the reward functions, fine-tune on the kept ones; repeat for rs.rounds.
+
+    `data.train` holds the prompts ({question, answer, ...}); data.max_length / packing apply to the SFT on the
+    kept answers, and optim / train are each round's SFT settings (train.max_steps or train.epochs per round).
+    """
+
+    data: DataSection = field(default_factory=_prompt_data)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
+    # Sampling: answers per prompt (rollout.num_generations), lengths, temperature and filters.
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    # Rounds, the reward and what is kept.
+    rs: RSSection = field(default_factory=RSSection)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.path is None:
+            raise ConfigError("rejection sampling starts from a trained model; set model.path.")
