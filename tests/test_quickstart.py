@@ -20,8 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_packaged_recipe_and_overrides() -> None:
     recipe = load_recipe(None)
-    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate", "report"]
-    assert recipe.evaluate.models == ["pretrain", "sft", "dpo", "grpo"] and recipe.evaluate.reward_models == ["rm"]
+    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate", "report"]
+    assert recipe.evaluate.models == ["pretrain", "sft", "dpo", "rs", "grpo"] and recipe.evaluate.reward_models == ["rm"]
     assert all(stage in STAGES for stage in recipe.stages)
     fast = load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
     assert fast.pretrain.train.max_steps == 7  # command line wins over --fast
@@ -89,7 +89,8 @@ def test_stage_order_errors_name_both_stages(tmp_path: Path, stages: str, messag
 
 def test_summary_table_compares_sft_and_dpo() -> None:
     rows = {
-        "sft": {"accuracy/heldout": 0.82, "accuracy/heldout_sampled": 0.5, "accuracy/train_pairs": 0.977,
+        "sft": {"accuracy/heldout": 0.82, "accuracy/heldout_sampled": 0.5, "wrong_operation/heldout_sampled": 0.3,
+                "accuracy/train_pairs": 0.977,
                 "accuracy/heldout_plain_text": 0.447,
                 "accuracy/preference_heldout": 0.953, "preference/logp_margin": 14.0, "eval/loss": 0.07},
         "dpo": {"accuracy/heldout": 0.8, "accuracy/train_pairs": 0.97, "accuracy/heldout_plain_text": 0.4,
@@ -97,12 +98,12 @@ def test_summary_table_compares_sft_and_dpo() -> None:
         "rm": {"accuracy/preference_heldout": 0.625},
     }
     lines = summary_table(rows, compare=("sft", "dpo"), seconds={"evaluate": 12.0, "dpo": 40.4}).splitlines()
-    assert lines[0].split() == ["model", "held-out", "acc", "sampled", "acc", "train-pair", "acc", "plain-text",
-                                "acc", "pref", "acc", "eval", "loss"]
-    assert lines[1].split() == ["sft", "0.820", "0.500", "0.977", "0.447", "0.953", "0.070"]
-    # dpo was not sampled: "-" in that column, and no sampled line in the comparison.
-    assert lines[2].split() == ["dpo", "0.800", "-", "0.970", "0.400", "0.990", "0.080"]
-    assert lines[3].split() == ["rm", "-", "-", "-", "-", "0.625", "-"]
+    assert lines[0].split() == ["model", "held-out", "acc", "sampled", "acc", "sampled", "wrong-op", "train-pair",
+                                "acc", "plain-text", "acc", "pref", "acc", "eval", "loss"]
+    assert lines[1].split() == ["sft", "0.820", "0.500", "0.300", "0.977", "0.447", "0.953", "0.070"]
+    # dpo was not sampled: "-" in those columns, and no sampled line in the comparison.
+    assert lines[2].split() == ["dpo", "0.800", "-", "-", "0.970", "0.400", "0.990", "0.080"]
+    assert lines[3].split() == ["rm", "-", "-", "-", "-", "-", "0.625", "-"]
     assert lines[4] == "held-out task accuracy: sft 0.820 -> dpo 0.800 (-0.020)"
     assert not any("sampled" in line for line in lines[4:])
     assert lines[5] == "held-out preference accuracy: sft 0.953 -> dpo 0.990 (+0.037)"
@@ -126,9 +127,9 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(out)]) == 0
     recipe = config_to_dict(load_recipe(None, fast=True))
-    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate"):
         assert (out / stage).is_dir()
-    for stage in ("pretrain", "sft", "rm", "dpo", "grpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "rs", "grpo"):
         assert (out / stage / "final" / "model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     # The reward model is exported as a score model; DPO cached its SFT-reference log-probs.
@@ -164,10 +165,14 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "| rm | 2 |" in report and "| dpo | 2 |" in report and "| grpo | 2 |" in report
     grpo_rows = jsonl(out / "grpo" / "metrics.jsonl")
     assert grpo_rows[-1]["step"] == 2 and 0.0 <= grpo_rows[-1]["reward"] <= 1.0
+    # Rejection sampling: one round, every prompt keeps its best sample (--fast has no threshold), then SFT on them.
+    [rs_row] = jsonl(out / "rs" / "metrics.jsonl")
+    assert rs_row["prompts"] == 8 and rs_row["pass_rate"] == 1.0 and rs_row["sft/examples"] == 8
+    assert rs_row["sft/steps"] == 2 and len(jsonl(out / "rs" / "round_1" / "samples.jsonl")) == 16
     assert "rm: eval/accuracy; dpo: eval/rewards/accuracies" in report
     rows = jsonl(out / "evaluate" / "metrics.jsonl")
-    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "grpo", "rm"]
-    for row in rows[:4]:
+    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rs", "grpo", "rm"]
+    for row in rows[:5]:
         assert 0.0 <= row["accuracy/heldout"] <= 1.0
         # --fast samples 2 answers per problem: the accuracy is a count over 2 * eval_problems samples.
         samples = 2 * recipe["data"]["eval_problems"]
@@ -177,10 +182,10 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert 0.0 <= row["accuracy/preference_heldout"] <= 1.0 and math.isfinite(row["preference/logp_margin"])
         assert row["num_pairs"] == recipe["data"]["preference_eval_problems"]
     # The reward model's held-out accuracy in evaluate is the one its own final eval measured on the same pairs.
-    assert rows[4]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
-    assert "accuracy/heldout" not in rows[4]
+    assert rows[5]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
+    assert "accuracy/heldout" not in rows[5]
     # The report's summary table has a row per evaluated model and states SFT vs DPO.
-    assert "## Summary" in report and "| rm | - | - | - |" in report
+    assert "## Summary" in report and "| rm | - | - | - | - |" in report
     assert f"- held-out preference accuracy: sft {rows[1]['accuracy/preference_heldout']:.3f} -> dpo " in report
     # The held-out file never shares an operand pair with the SFT training file.
     def pairs(path: Path) -> set[str]:

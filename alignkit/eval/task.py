@@ -2,8 +2,8 @@
 `evaluate` stage writes (and any pipeline that compares models on the same held-out data).
 
 - a language model: greedy accuracy on held-out problems through the chat template, on training operand pairs in
-  new wordings, and asked as plain text (the form pretraining saw); optionally sampled accuracy; the held-out
-  answer loss; and preference accuracy (the model's own summed log-prob of the correct answer above the wrong one);
+  new wordings, and asked as plain text (the form pretraining saw); optionally sampled accuracy; the share of
+  answers that used a wrong operation (greedy and sampled); the held-out answer loss; and preference accuracy (the model's own summed log-prob of the correct answer above the wrong one);
 - a reward model: the share of held-out pairs whose chosen answer it rewards above the rejected one.
 """
 
@@ -18,6 +18,7 @@ from alignkit.data import load_records, pad_collate, tokenize_dataset, tokenize_
 from alignkit.eval.perplexity import evaluate_loss
 from alignkit.eval.preference import preference_accuracy, reward_accuracy
 from alignkit.eval.verifiable import verifiable_accuracy
+from alignkit.tasks import arithmetic
 
 
 def evaluate_language_model(
@@ -45,14 +46,15 @@ def evaluate_language_model(
     model, tokenizer = alignkit.load(str(model_dir))
     assert tokenizer is not None
     generation = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    held = verifiable_accuracy(model, tokenizer, heldout, **generation)
+    wrong_operation = {"wrong_operation": arithmetic.used_wrong_operation}
+    held = verifiable_accuracy(model, tokenizer, heldout, tallies=wrong_operation, **generation)
     seen = verifiable_accuracy(model, tokenizer, seen_pairs, **generation)
     # The same held-out problems as plain text, the form pretraining saw (no chat template).
     text = verifiable_accuracy(model, tokenizer, heldout, prompt_format="text", **generation)
     # Sampled at `temperature` (the model's own distribution at 1): a mistake the model makes some of the time
     # counts here even when greedy decoding avoids it.
     sampled = verifiable_accuracy(model, tokenizer, heldout, temperature=temperature,
-                                  samples_per_problem=samples_per_problem, seed=seed,
+                                  samples_per_problem=samples_per_problem, seed=seed, tallies=wrong_operation,
                                   **generation) if samples_per_problem else None
     examples = tokenize_dataset(load_records(str(chat_eval)), tokenizer, format="chat", max_length=max_length)
     loss = evaluate_loss(model, [pad_collate(examples[i : i + 64], pad_id=tokenizer.pad_token_id)
@@ -66,6 +68,9 @@ def evaluate_language_model(
         "accuracy/heldout": held["accuracy"], "accuracy/train_pairs": seen["accuracy"],
         "accuracy/heldout_plain_text": text["accuracy"], "accuracy/preference_heldout": preference["accuracy"],
         **({"accuracy/heldout_sampled": sampled["accuracy"]} if sampled is not None else {}),
+        # Share of answers that used another operation on the problem's numbers (the sloppy annotator's mistake).
+        "wrong_operation/heldout": held["shares"]["wrong_operation"],
+        **({"wrong_operation/heldout_sampled": sampled["shares"]["wrong_operation"]} if sampled is not None else {}),
         "preference/logp_margin": preference["margin_mean"],
         "eval/loss": loss["loss"], "eval/perplexity": loss["perplexity"],
         "num_problems": held["num"], "num_pairs": preference["num"],

@@ -42,6 +42,7 @@ def verifiable_accuracy(
     temperature: float = 0.0,
     samples_per_problem: int = 1,
     seed: int = 0,
+    tallies: dict[str, Callable[[str, Any], bool]] | None = None,
 ) -> dict[str, Any]:
     """Decode an answer to every problem (greedy, or `samples_per_problem` samples at `temperature` > 0 from a
     generator seeded with `seed`) and check each with `is_correct(completion, reference)`.
@@ -53,7 +54,8 @@ def verifiable_accuracy(
     template). Returns {"accuracy", "num", "num_correct", "examples"} where
     `examples` holds the first `num_examples` as {"prompt", "completion", "reference", "correct"}. With several
     samples, accuracy is over all samples (the expected accuracy of one sample: pass@1) and `num_correct` counts
-    correct samples.
+    correct samples. `tallies` {name: fn(completion, problem)} adds {"shares": {name: share of samples}} (the
+    share of answers with a given kind of mistake, say).
     """
     check = is_correct or _default_check
     if prompt_format not in ("chat", "text"):
@@ -65,6 +67,7 @@ def verifiable_accuracy(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n,
                             stop_strings=None if chat else ["\n"], seed=seed if temperature > 0 else None)
     num_correct = 0
+    counts = dict.fromkeys(tallies or {}, 0)
     examples: list[dict[str, Any]] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
@@ -83,6 +86,8 @@ def verifiable_accuracy(
             text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
             correct = bool(check(text, problem.reference))
             num_correct += correct
+            for name, tally in (tallies or {}).items():
+                counts[name] += bool(tally(text, problem))
             if len(examples) < num_examples:
                 prompt = problem.prompt_messages()[-1]["content"]
                 examples.append(
@@ -94,4 +99,5 @@ def verifiable_accuracy(
         "num": num,
         "num_correct": num_correct,
         "examples": examples,
+        **({"shares": {name: count / (num * n) if num else 0.0 for name, count in counts.items()}} if tallies else {}),
     }

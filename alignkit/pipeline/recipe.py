@@ -22,10 +22,10 @@ from alignkit.errors import ConfigError, check_at_least
 from alignkit.tasks.arithmetic import NEAR_MISS_SHARE
 from alignkit.trainers.configs import PretrainConfig, SFTConfig
 from alignkit.trainers.preference_configs import DPOConfig, RMConfig
-from alignkit.trainers.rl_configs import GRPOConfig
+from alignkit.trainers.rl_configs import GRPOConfig, RSConfig
 
 PACKAGED_RECIPE = "quickstart.yaml"
-STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "grpo", "evaluate", "report")
+STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate", "report")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TaskDataSection:
     preference_near_miss_share: float = NEAR_MISS_SHARE
     # Held-out preference pairs (held-out operand pairs): rm / dpo eval, and preference accuracy in evaluate.
     preference_eval_problems: int = 300
-    # Prompts {question, answer} for grpo (training operand pairs, new wordings).
+    # Prompts {question, answer} for rs and grpo (training operand pairs, new wordings).
     grpo_problems: int = 4000
 
     def __post_init__(self) -> None:
@@ -122,6 +122,8 @@ class QuickstartRecipe:
     rm: RMConfig = field(default_factory=RMConfig)
     # DPO from the SFT model (an `alignkit train dpo` config).
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # Rejection sampling from the SFT model, the task's checker as the judge (an `alignkit train rs` config).
+    rs: RSConfig = field(default_factory=RSConfig)
     # GRPO from the SFT model with the task's checker as the reward (an `alignkit train grpo` config).
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     # The held-out evaluation of every listed model.
@@ -144,6 +146,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "sft": {"data": "the chat records", "pretrain": "the pretrained model to fine-tune"},
     "rm": {"data": "the preference pairs", "sft": "the SFT model the reward model starts from"},
     "dpo": {"data": "the preference pairs", "sft": "the SFT model, which is both the starting policy and the reference"},
+    "rs": {"data": "the RL prompts", "sft": "the SFT model rejection sampling starts from"},
     "grpo": {"data": "the RL prompts", "sft": "the SFT model GRPO starts from"},
     "evaluate": {"data": "the held-out problems and preference pairs"},
 }

@@ -1,12 +1,12 @@
 """The quickstart's stages and the loop that runs them: each stage is a function of a `StageContext` (the run
 directory, the typed recipe, earlier stages' results) that writes into its own folder of the run directory.
 
-    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> grpo -> evaluate -> report
+    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> rs -> grpo -> evaluate -> report
 
 The training stages are ordinary `alignkit train` runs: the recipe's section is the stage's config, and the
 pipeline fills in the paths between stages (tokenizer, data files, model.path), train.seed (the recipe's seed)
-and train.output_dir (the stage's folder). A later stage (ppo, grpo, rejection sampling) is one more function
-here, one more name in the recipe's `stages`, and one more section in the recipe.
+and train.output_dir (the stage's folder). A later stage (ppo) is one more function here, one more name in the
+recipe's `stages`, and one more section in the recipe.
 """
 
 from __future__ import annotations
@@ -178,6 +178,14 @@ def stage_dpo(ctx: StageContext) -> StageResult:
     return _preference_stage(ctx, copy.deepcopy(ctx.recipe.dpo))
 
 
+def stage_rs(ctx: StageContext) -> StageResult:
+    """Rejection sampling from the SFT model: sample answers, keep correct ones (the task's checker), SFT on them."""
+    cfg = copy.deepcopy(ctx.recipe.rs)
+    cfg.model.path = str(ctx.require("sft", "model_dir"))
+    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
+    return _train(ctx, cfg)
+
+
 def stage_grpo(ctx: StageContext) -> StageResult:
     """GRPO from the SFT model on the task's prompts, rewarded by the answer checker (RL with verifiable rewards)."""
     cfg = copy.deepcopy(ctx.recipe.grpo)
@@ -235,6 +243,7 @@ STAGES: dict[str, Callable[[StageContext], StageResult]] = {
     "sft": stage_sft,
     "rm": stage_rm,
     "dpo": stage_dpo,
+    "rs": stage_rs,
     "grpo": stage_grpo,
     "evaluate": stage_evaluate,
     "report": stage_report,

@@ -9,6 +9,7 @@ from typing import Any
 SUMMARY_COLUMNS = (
     ("accuracy/heldout", "held-out acc"),
     ("accuracy/heldout_sampled", "sampled acc"),
+    ("wrong_operation/heldout_sampled", "sampled wrong-op"),
     ("accuracy/train_pairs", "train-pair acc"),
     ("accuracy/heldout_plain_text", "plain-text acc"),
     ("accuracy/preference_heldout", "pref acc"),
@@ -18,13 +19,16 @@ SUMMARY_COLUMNS = (
 COMPARED = (
     ("accuracy/heldout", "held-out task accuracy"),
     ("accuracy/heldout_sampled", "held-out task accuracy, sampled at temperature 1"),
+    ("wrong_operation/heldout_sampled", "share of sampled held-out answers with a wrong operation"),
     ("accuracy/preference_heldout", "held-out preference accuracy"),
     ("preference/logp_margin", "held-out log-prob margin, chosen - rejected"),
 )
 EXPLANATION = (
     "held-out acc: greedy answers to held-out problems through the chat template; sampled acc: the same problems, "
     "answers sampled at temperature 1 (a mistake the model makes some of the time counts here even when greedy "
-    "decoding avoids it); train-pair acc: training operand pairs in new wordings; pref acc: held-out pairs (a "
+    "decoding avoids it); sampled wrong-op: the share of those sampled answers that applied another operation to "
+    "the problem's numbers (the sloppy annotator's mistake); train-pair acc: training operand pairs in new "
+    "wordings; pref acc: held-out pairs (a "
     "correct solution and a wrong one) where the model's summed log-prob of the correct one is higher, or for a "
     "reward model its reward."
 )

@@ -179,6 +179,14 @@ def is_correct(completion: str, reference: str | int) -> bool:
     return answer is not None and answer == str(int(reference))
 
 
+def used_wrong_operation(completion: str, problem: Problem) -> bool:
+    """Whether the stated answer is what another operation gives on the problem's numbers (12 - 7 for 12 + 7):
+    the mistake a sloppy annotator's demonstrations teach."""
+    answer = extract_answer(completion)
+    others = {compute(op, *problem.operands) for op in OPERATIONS if op != problem.operation} - {problem.answer}
+    return answer is not None and int(answer) in others
+
+
 # Share of rejected answers that are near misses (the rest use the wrong operation); see `wrong_answer`.
 NEAR_MISS_SHARE = 0.75
 

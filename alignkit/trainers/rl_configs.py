@@ -175,8 +175,3 @@ class RSConfig(ChatStageConfig):
     rollout: RolloutSection = field(default_factory=RolloutSection)
     # Rounds, the reward and what is kept.
     rs: RSSection = field(default_factory=RSSection)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model.path is None:
-            raise ConfigError("rejection sampling starts from a trained model; set model.path.")

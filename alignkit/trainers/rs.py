@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ def sft_config(cfg: RSConfig, model_path: str, data_file: Path, output_dir: Path
 def train(cfg: RSConfig) -> RunResult:
     from alignkit.trainers import run
 
+    if cfg.model.path is None:
+        raise ConfigError("rejection sampling starts from a trained model; set model.path.")
     info = setup(cfg.train)
     weights = list(cfg.rs.reward_weights or [1.0] * len(cfg.rs.reward_funcs))
     functions = [load_reward_function(spec, device=info.device) for spec in cfg.rs.reward_funcs]
@@ -125,7 +128,15 @@ def train(cfg: RSConfig) -> RunResult:
             metrics.log(row)
         row["model_dir"] = model_path
     metrics.close()
-    return RunResult(run_dir=run_dir, final_model_dir=Path(model_path), metrics=rows)
+    # run_dir/final links to the last round's model, where users and `alignkit generate --model run_dir` look.
+    final = run_dir / "final"
+    if info.is_main and (run_dir / "round_1").is_dir():
+        if final.is_symlink():
+            final.unlink()
+        if Path(model_path).is_dir():
+            final.symlink_to(os.path.relpath(Path(model_path).resolve(), run_dir.resolve()), target_is_directory=True)
+    dist.barrier()
+    return RunResult(run_dir=run_dir, final_model_dir=final if final.is_dir() else Path(model_path), metrics=rows)
 
 
 def _run_round(cfg: RSConfig, r: int, round_dir: Path, model_path: str, tokenizer: Tokenizer,
