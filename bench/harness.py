@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 Side = Callable[[argparse.Namespace], dict[str, Any]]
+# A script's own argument: its flag and `add_argument` keywords. It must take a value (no store_true), so that the
+# driver can hand it to the workers as `--flag value`.
+Option = tuple[str, dict[str, Any]]
 
 
 def packing(args: argparse.Namespace) -> bool | None:
@@ -97,27 +100,37 @@ def mfu_cell(result: dict[str, Any]) -> str:
     return f"{result['mfu']:6.2f}" if result.get("mfu") is not None else f"{'-':>6s}"
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued kernels (a no-op on the CPU), so that a wall time read next counts their work."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def trl_step_timer(times: list[float]) -> Any:
     """A transformers TrainerCallback that appends the wall time at the end of every optimizer step."""
-    import torch
     import transformers
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # the step's kernels have finished, not just been queued
+            synchronize()  # the step's kernels have finished, not just been queued
             times.append(time.perf_counter())
 
     return StepTimer()
 
 
-def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help: str) -> argparse.ArgumentParser:
+def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help: str,
+           helps: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The arguments every side-by-side benchmark takes; `helps` describes --quick, --batch-size and --max-length
+    where a script gives them its own meaning (by argument name: quick, batch_size, max_length)."""
+    helps = helps or {}
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 steps of batch 2, 1 untimed: a smoke run")
+    p.add_argument("--quick", action="store_true", help=helps.get("quick", "4 steps of batch 2, 1 untimed: a smoke run"))
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernel selection, allocation)")
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=helps.get("batch_size"))
+    p.add_argument("--max-length", type=int, default=256, help=helps.get("max_length"))
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="alignkit's rm / dpo: pairs packed with a shared prompt or padded (data.packing); auto, the "
@@ -169,15 +182,26 @@ def main(
     defaults: dict[str, int],
     quick_records: int,
     records_help: str,
+    options: Sequence[Option] = (),
+    quick: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
 ) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]] | None:
     """Parse the arguments; in a worker run one side and return None; in the driver run the sides and return
-    (args, {side: result}) for the script to print. `args.failed` lists the sides that failed (not in results)."""
-    args = parser(doc, records_help=records_help, **defaults).parse_args()
+    (args, {side: result}) for the script to print. `args.failed` lists the sides that failed (not in results).
+
+    `options` are the script's own arguments, handed on to the workers; `quick` overrides --quick's settings
+    (4 steps of batch 2, 1 untimed, `quick_records` records) by argument name; `helps` as in `parser`."""
+    p = parser(doc, records_help=records_help, helps=helps, **defaults)
+    for flag, spec in options:
+        p.add_argument(flag, **spec)
+    args = p.parse_args()
     if args.worker:
         Path(args.result).write_text(json.dumps(sides[args.worker](args)))
         return None
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.records = 4, 2, 1, quick_records
+        for name, value in (quick or {}).items():
+            setattr(args, name, value)
     chosen = [side.strip() for side in args.sides.split(",") if side.strip()]
     unknown = sorted(set(chosen) - set(sides))
     if unknown or not chosen:
@@ -202,6 +226,7 @@ def main(
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", args.precision,
                    "--checkpointing", args.checkpointing, "--device", args.device, "--packing", args.packing]
+            cmd += [part for flag, _ in options for part in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
             done = subprocess.run(cmd, cwd=REPO_ROOT)
             if done.returncode != 0 or not out.is_file():
                 print(f"\n{side} side failed (exit code {done.returncode}); its output is above.", file=sys.stderr)
