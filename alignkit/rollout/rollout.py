@@ -41,6 +41,16 @@ class Rollout:
     def prompt_of(self, index: int) -> list[int]:
         return self.prompt_ids[index // self.group_size]
 
+    def groups(self, indices: Sequence[int]) -> Rollout:
+        """The rollout of the prompts `indices` only (with their G completions each), in that order."""
+        g = self.group_size
+        return Rollout([self.prompt_ids[i] for i in indices],
+                       [c for i in indices for c in self.completions[i * g : (i + 1) * g]], g)
+
+    def __add__(self, other: Rollout) -> Rollout:
+        assert self.group_size == other.group_size, "rollouts of different group sizes"
+        return Rollout(self.prompt_ids + other.prompt_ids, self.completions + other.completions, self.group_size)
+
 
 def generate_rollout(policy: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                      *, group_size: int) -> Rollout:
@@ -52,7 +62,7 @@ def generate_rollout(policy: nn.Module, tokenizer: Any, prompt_ids: Sequence[Seq
 
 def score_rollout(rollout: Rollout, functions: Sequence[RewardFn], weights: Sequence[float], prompts: Sequence[Any],
                   fields_by_prompt: Mapping[str, Sequence[Any]]) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """(rewards [N], each function's values) of a rollout; `prompts` and every field list have one entry per
+    """(rewards [N] in float64, each function's values) of a rollout; `prompts` and every field list have one entry per
     prompt and are repeated for its G completions, as TRL's reward functions expect."""
     g = rollout.group_size
     texts = [c.text if c.text is not None else "" for c in rollout.completions]
@@ -60,7 +70,7 @@ def score_rollout(rollout: Rollout, functions: Sequence[RewardFn], weights: Sequ
     repeated["completion_ids"] = rollout.completion_ids
     totals, values = score_completions(functions, weights, [p for p in prompts for _ in range(g)], texts, repeated,
                                        group_size=g)
-    return torch.tensor(totals, dtype=torch.float32), values
+    return torch.tensor(totals, dtype=torch.float64), values
 
 
 @dataclass

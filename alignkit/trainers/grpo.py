@@ -42,6 +42,7 @@ from alignkit.losses.policy import (
 from alignkit.rewards.verifiable import RewardFn, load_reward_function, overlong_penalty
 from alignkit.rollout import (
     EpisodeBatch,
+    Rollout,
     attach_logprobs,
     completion_logprobs,
     episode_batches,
@@ -109,8 +110,50 @@ def make_loss_fn(cfg: GRPOConfig, device: torch.device) -> Callable[[Models, Epi
     return loss_fn
 
 
-def rollout_metrics(rewards: torch.Tensor, values: dict[str, list[float]], group_size: int, lengths: list[int],
-                    truncated: list[bool]) -> dict[str, Any]:
+def dynamic_sample(rollout: Rollout, rewards: torch.Tensor, values: dict[str, list[float]],
+                   draw: Callable[[], tuple[Rollout, torch.Tensor, dict[str, list[float]]]], group_size: int,
+                   groups_wanted: int, max_rounds: int) -> tuple[Rollout, torch.Tensor, dict[str, list[float]], list]:
+    """DAPO's dynamic sampling: keep the groups whose rewards differ (the others have zero advantage and teach
+    nothing) and draw more prompts until `groups_wanted` are kept or `max_rounds` draws are spent.
+
+    Every process draws as often as the one that needs most (the prompt streams stay in step) and keeps the same
+    number of groups (the same number of micro-batches each: FSDP2's collectives must match). When no draw has a
+    group with differing rewards, the first draw is trained on as it is (zero advantages)."""
+    first = (rollout, rewards, values)
+    extra: list[tuple[Rollout, torch.Tensor, dict[str, list[float]]]] = []
+
+    def informative(r: Rollout, rw: torch.Tensor, v: dict[str, list[float]]) -> tuple[Rollout, torch.Tensor, dict]:
+        keep = [i for i in range(len(r.prompt_ids)) if float(rw.view(-1, group_size)[i].std()) > 0]
+        rows = [i * group_size + j for i in keep for j in range(group_size)]
+        return r.groups(keep), rw[rows], {k: [col[i] for i in rows] for k, col in v.items()}
+
+    kept = informative(*first)
+    def fewest() -> int:  # groups kept on the process that kept fewest
+        return int(dist.all_reduce(torch.tensor(float(len(kept[0].prompt_ids))), op="min"))
+
+    while fewest() < groups_wanted and len(extra) + 1 < max_rounds:
+        extra.append(draw())
+        more = informative(*extra[-1])
+        kept = (kept[0] + more[0], torch.cat([kept[1], more[1]]), {k: kept[2][k] + more[2][k] for k in kept[2]})
+    have = fewest()
+    if have == 0:
+        return (*first, extra)
+    take = min(have, groups_wanted)
+    rows = take * group_size
+    return kept[0].groups(range(take)), kept[1][:rows], {k: v[:rows] for k, v in kept[2].items()}, extra
+
+
+def merge_draws(draws: list[tuple[Rollout, torch.Tensor, dict[str, list[float]]]]
+                ) -> tuple[torch.Tensor, dict[str, list[float]], list[int], list[bool]]:
+    """(rewards, values, lengths, truncated) of every completion sampled in an iteration."""
+    rewards = torch.cat([d[1] for d in draws])
+    values = {k: [x for d in draws for x in d[2][k]] for k in draws[0][2]}
+    completions = [c for d in draws for c in d[0].completions]
+    return rewards, values, [len(c.token_ids) for c in completions], [c.finish_reason == "length" for c in completions]
+
+
+def rollout_metrics(rewards: torch.Tensor, values: dict[str, list[float]], lengths: list[int], truncated: list[bool],
+                    group_size: int) -> dict[str, Any]:
     """TRL's GRPO names, combined over ranks as each needs (means by completions, min / max of lengths)."""
     n = len(lengths)
     grouped = rewards.view(-1, group_size)
@@ -180,12 +223,23 @@ def train(cfg: GRPOConfig) -> RunResult:
 
     for _ in engine.iterations():
         started = time.perf_counter()
-        [batch] = next(stream)  # this rank's prompts
         # One switch to the generation model for the rollout and the no-grad forwards (one all-gather under FSDP2).
         with engine.generation_model("policy") as policy:
-            rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling, group_size=g)
-            rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
-                                            prompt_fields(batch))
+            def draw() -> tuple[Rollout, torch.Tensor, dict[str, list[float]]]:
+                [batch] = next(stream)  # this rank's prompts
+                rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling,
+                                           group_size=g)
+                rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
+                                                prompt_fields(batch))
+                return rollout, rewards.float(), values
+
+            rollout, rewards, values = draw()
+            sampled = [(rollout, rewards, values)]  # everything sampled this iteration: the logged metrics
+            if cfg.grpo.dynamic_sampling:
+                rollout, rewards, values, extra = dynamic_sample(rollout, rewards, values, draw, g,
+                                                                 prompts_per_step // info.world_size,
+                                                                 cfg.grpo.max_sampling_rounds)
+                sampled += extra
             lengths = [len(c.token_ids) for c in rollout.completions]
             truncated = [c.finish_reason == "length" for c in rollout.completions]
             loss_mask = torch.tensor([not cut for cut in truncated]) if cfg.grpo.mask_truncated_completions else None
@@ -229,11 +283,15 @@ def train(cfg: GRPOConfig) -> RunResult:
         for key in ("loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "kl"):
             if key in row:
                 row[key] = sum(r[key] for r in rows) / len(rows)
-        row.update(reduce_metrics(rollout_metrics(rewards, values, g, lengths, truncated), info.device))
+        row.update(reduce_metrics(rollout_metrics(*merge_draws(sampled), g), info.device))
+        if cfg.grpo.dynamic_sampling:
+            row.update(reduce_metrics({"dynamic_sampling/draws": mean(len(sampled)),
+                                       "dynamic_sampling/groups_kept": mean(len(rollout.prompt_ids))}, info.device))
         seconds = reduce_metrics({"time/rollout_s": maximum(rollout_seconds),
                                   "time/optimization_s": maximum(optimize_seconds)})
         row.update(seconds)
-        row["completions_per_s"] = g * prompts_per_step / max(seconds["time/rollout_s"] + seconds["time/optimization_s"], 1e-9)
+        generated = sum(len(d[0].completions) for d in sampled) * info.world_size
+        row["completions_per_s"] = generated / max(seconds["time/rollout_s"] + seconds["time/optimization_s"], 1e-9)
         engine.log(row)
         engine.save_if_due()
     metrics = engine.finish()

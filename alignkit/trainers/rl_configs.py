@@ -63,6 +63,11 @@ class GRPOSection:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     # Leave completions cut at max_completion_length out of the loss (DAPO's overlong filtering).
     mask_truncated_completions: bool = False
+    # DAPO's dynamic sampling: train only on groups whose rewards differ (an all-equal group has zero advantage),
+    # drawing more prompts until the iteration's groups are full or max_sampling_rounds draws are spent.
+    dynamic_sampling: bool = False
+    # Most prompt batches drawn per iteration under dynamic_sampling (DAPO's max_num_gen_batches).
+    max_sampling_rounds: int = 3
     # DAPO's soft overlong punishment over the last this many tokens of max_completion_length (null: off).
     overlong_cache: int | None = None
     # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a training forward
@@ -83,6 +88,8 @@ class GRPOSection:
             raise ConfigError(f"grpo.num_iterations must be at least 1; got {self.num_iterations}.")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ConfigError(f"grpo.beta must be >= 0; got {self.beta}.")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"grpo.max_sampling_rounds must be at least 1; got {self.max_sampling_rounds}.")
         if self.overlong_cache is not None and self.overlong_cache < 1:
             raise ConfigError(f"grpo.overlong_cache must be at least 1 (or null); got {self.overlong_cache}.")
 

@@ -117,3 +117,59 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(RewardError, match=r"'bad' returned nan for completion 0 of prompt 0"):
         run("grpo", grpo_cfg(tmp_path, **{"grpo.reward_funcs": [f"{broken}:bad"]}))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def fake_draw(rewards: list[list[float]]) -> tuple[Any, torch.Tensor, dict[str, list[float]]]:
+    """A rollout of len(rewards) prompts whose G completions have the given rewards (token id = prompt number)."""
+    from alignkit.generation import Completion
+    from alignkit.rollout import Rollout
+
+    g = len(rewards[0])
+    completions = [Completion(prompt_index=i, token_ids=[int(r * 10)], logprobs=[0.0], raw_logprobs=[0.0],
+                              finish_reason="stop", text=f"{i}") for i, group in enumerate(rewards) for r in group]
+    flat = [r for group in rewards for r in group]
+    return Rollout([[i] for i in range(len(rewards))], completions, g), torch.tensor(flat, dtype=torch.float32), {"f": flat}
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ() -> None:
+    from alignkit.trainers.grpo import dynamic_sample
+
+    draws = iter([fake_draw([[1, 1], [0, 1], [0, 0]]), fake_draw([[1, 0], [1, 1], [0, 1]])])
+    first = fake_draw([[0, 0], [1, 0], [1, 1]])
+    rollout, rewards, values, extra = dynamic_sample(*first, lambda: next(draws), 2, groups_wanted=3, max_rounds=3)
+    # Draw 1 gives one informative group, draw 2 one more, draw 3 two: the first three are kept, in order.
+    assert len(extra) == 2 and [c.text for c in rollout.completions] == ["1", "1", "1", "1", "0", "0"]
+    assert rewards.tolist() == [1, 0, 0, 1, 1, 0] and values == {"f": [1, 0, 0, 1, 1, 0]}
+    assert rollout.prompt_ids == [[1], [1], [0]]
+    # Out of draws: what was found is trained on; nothing found: the first draw as it is (zero advantages).
+    draws = iter([fake_draw([[1, 1], [0, 0], [0, 0]])])
+    rollout, rewards, _, extra = dynamic_sample(*first, lambda: next(draws), 2, groups_wanted=3, max_rounds=2)
+    assert len(extra) == 1 and rewards.tolist() == [1, 0]
+    rollout, rewards, _, extra = dynamic_sample(*fake_draw([[0, 0]]), lambda: fake_draw([[1, 1]]), 2,
+                                                groups_wanted=1, max_rounds=2)
+    assert len(extra) == 1 and rewards.tolist() == [0, 0]
+
+
+BINARY = '''
+def has_e(prompts, completions, **fields):
+    """1 when the completion contains an "e": most groups of a random policy are all 0 or all 1."""
+    return [float("e" in c) for c in completions]
+'''
+
+
+def test_dynamic_sampling_end_to_end_and_resume(tmp_path: Path) -> None:
+    def cfg(where: Path, **overrides: Any) -> GRPOConfig:
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "binary.py").write_text(BINARY)
+        return grpo_cfg(where, **{"grpo.reward_funcs": [f"{where / 'binary.py'}:has_e"], "grpo.dynamic_sampling": True,
+                                  "grpo.max_sampling_rounds": 4, "train.save_every": 2, **overrides})
+
+    full = run("grpo", cfg(tmp_path / "a", **{"train.max_steps": 4})).metrics
+    assert all(1 <= r["dynamic_sampling/draws"] <= 4 for r in full)
+    assert any(r["dynamic_sampling/draws"] > 1 for r in full)  # some steps had to draw more prompts
+    assert all(r["dynamic_sampling/groups_kept"] <= 4 for r in full)
+    run("grpo", cfg(tmp_path / "b", **{"train.max_steps": 2}))
+    resumed = run("grpo", cfg(tmp_path / "b", **{"train.max_steps": 4, "train.resume": True})).metrics
+    for a, b in zip(full, resumed):
+        for key in ("loss", "reward", "dynamic_sampling/draws", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
