@@ -194,5 +194,5 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out
     assert "held-out acc" in printed and "pref acc" in printed and f"report: {out / 'report.md'}" in printed
     assert "held-out task accuracy: sft " in printed
-    for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png"):
+    for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png", "reward.png", "kl.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

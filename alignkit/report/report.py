@@ -36,6 +36,9 @@ EVALUATION_BARS = (("accuracy/heldout", "held-out task accuracy"),
 LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected")
 # DPO's likelihood diagnostics: policy minus reference log-prob (near 0, so on their own axes).
 DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_delta", "eval/logps/rejected_delta")
+# RL stages (grpo per step, rs per round): the mean reward of the sampled answers, and how far the policy moved.
+REWARD_KEYS = ("reward",)
+DRIFT_KEYS = ("kl", "entropy")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -227,10 +230,13 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
     written += _accuracy_plot(run_dir, summaries)
 
     # DPO-family stages log the policy's log-probs of chosen and rejected responses (and their change relative to
-    # the reference); plot whichever are present.
+    # the reference); RL stages their mean reward, and the policy's KL to the reference and its entropy. Plot
+    # whichever are present.
     for keys, filename, what in ((LOGPS_KEYS, "logps.png", "log-probs"),
-                                 (DELTA_KEYS, "logps_delta.png", "log-prob - reference")):
-        written += _logps_plot(run_dir, stages, keys, filename, what)
+                                 (DELTA_KEYS, "logps_delta.png", "log-prob - reference"),
+                                 (REWARD_KEYS, "reward.png", "mean reward"),
+                                 (DRIFT_KEYS, "kl.png", "KL to the reference, entropy")):
+        written += _curves_plot(run_dir, stages, keys, filename, what)
     return written
 
 
@@ -277,7 +283,7 @@ def _accuracy_plot(run_dir: Path, summaries: list[StageSummary]) -> list[str]:
     return ["accuracy.png"]
 
 
-def _logps_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tuple[str, ...], filename: str,
+def _curves_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tuple[str, ...], filename: str,
                 what: str) -> list[str]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -304,7 +310,8 @@ def _logps_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]], keys: tu
 
 def build_report(run_dir: str | Path, *, stages: list[str] | None = None, title: str | None = None,
                  summary: Sequence[str] = ()) -> Path:
-    """Write `run_dir/report.md` (and `loss.png`, `accuracy.png`, `logps.png` when there is data) and return its path.
+    """Write `run_dir/report.md` (and `loss.png`, `accuracy.png`, `logps.png`, `reward.png`, ... when there is data)
+    and return its path.
 
     `stages` picks and orders the stage folders; by default the order of `pipeline.json`, else alphabetical.
     `summary`: markdown lines placed before the stage table (a pipeline's headline numbers).
