@@ -75,6 +75,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: Advan
     return centred.reshape(-1)
 
 
+def token_rewards(scores: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards [B, T] of PPO and REINFORCE++: -kl_coef * KL_t on every real token, plus each sequence's
+    score [B] on its last real token (where the reward model read the whole completion). Padded positions, and every
+    position of an empty row, are 0 whatever `token_kl` holds there."""
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * token_kl, 0.0)
+    last = mask.long().cumsum(-1).argmax(-1)  # index of each row's last real token (0 for an empty row)
+    score = torch.where(mask.any(-1), scores.to(rewards.dtype), 0.0)
+    return rewards.scatter_add(1, last[:, None], score[:, None])
+
+
 def reinforce_pp_advantages(scores: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float
                             ) -> torch.Tensor:
     """REINFORCE++ (Hu 2025, https://arxiv.org/abs/2501.03262): per-token advantages [B, T].
@@ -83,9 +94,7 @@ def reinforce_pp_advantages(scores: torch.Tensor, token_kl: torch.Tensor, mask: 
     the rewards from it to the end (no discount); returns are whitened over every real token of the batch (the batch
     baseline: its mean is subtracted, its std divides).
     """
-    rewards = -kl_coef * token_kl * mask
-    last = mask.long().cumsum(-1).argmax(-1)  # index of each row's last real token
-    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+    rewards = token_rewards(scores, token_kl, mask, kl_coef=kl_coef)
     returns = rewards.flip(-1).cumsum(-1).flip(-1) * mask
     valid = returns[mask.bool()]
     return (returns - valid.mean()) / (valid.std() + STD_EPS) * mask
