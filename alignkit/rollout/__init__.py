@@ -8,11 +8,12 @@ from alignkit.rollout.rollout import (
     Rollout,
     attach_logprobs,
     completion_logprobs,
+    completion_values,
     episode_batches,
     generate_rollout,
     rollout_logprobs,
     score_rollout,
 )
 
-__all__ = ["EpisodeBatch", "Rollout", "attach_logprobs", "completion_logprobs", "episode_batches", "generate_rollout",
-           "rollout_logprobs", "score_rollout"]
+__all__ = ["EpisodeBatch", "Rollout", "attach_logprobs", "completion_logprobs", "completion_values", "episode_batches",
+           "generate_rollout", "rollout_logprobs", "score_rollout"]

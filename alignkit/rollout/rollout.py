@@ -4,6 +4,7 @@
     scores = score_rollout(rollout, functions, weights, fields)                      # rewards per completion
     batches = episode_batches(rollout, micro_batch_size, advantages=..., old_logps=..., ref_logps=...)
     logps, entropy = completion_logprobs(model, batch, temperature=T)               # in the loss function
+    values = completion_values(critic, batch)                                       # PPO's critic, V_t per token
 
 The log-probs of a completion are those of the logits divided by the sampling temperature (TRL's convention): the
 distribution the tokens were drawn from when no top-k / top-p / min-p filter is active. `generate` returns exactly
@@ -78,7 +79,8 @@ class EpisodeBatch:
     """A micro-batch of episodes for a training forward: prompt + completion, right padded.
 
     `targets` / `mask` [E, C] are the completion tokens and which of them are real; the per-token tensors
-    (`old_logps`, `ref_logps`, `advantages`, a per-sequence advantage is [E, 1]) line up with them.
+    (`old_logps`, `ref_logps`, `advantages`, a per-sequence advantage is [E, 1]; PPO's `old_values` and
+    `returns`) line up with them.
     """
 
     input_ids: torch.Tensor  # [E, L]
@@ -88,6 +90,8 @@ class EpisodeBatch:
     advantages: torch.Tensor  # [E, 1] or [E, C]
     old_logps: torch.Tensor | None = None  # [E, C]
     ref_logps: torch.Tensor | None = None  # [E, C]
+    old_values: torch.Tensor | None = None  # [E, C] the critic's values at rollout time (PPO)
+    returns: torch.Tensor | None = None  # [E, C] the critic's targets (PPO)
 
     @property
     def num_sequences(self) -> int:
@@ -100,6 +104,18 @@ class EpisodeBatch:
     def to(self, device: torch.device | str) -> EpisodeBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return EpisodeBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> EpisodeBatch:
+        """The episodes `rows`, in that order, with the padding columns no selected sequence needs cut off the
+        input (PPO's shuffled minibatches of one whole-rollout batch). Per-token tensors keep their width C."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        # A row's input ends one past its last completion position (that position predicts the last token).
+        ends = self.logits_mask[index].long().cumsum(-1).argmax(-1) + 2
+        width = int(ends.max()) if index.numel() else 0
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in picked.items()}
+        out["input_ids"], out["logits_mask"] = out["input_ids"][:, :width], out["logits_mask"][:, :width]
+        return EpisodeBatch(**out)
 
 
 def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -146,9 +162,11 @@ def episode_batches(rollout: Rollout, micro_batch_size: int, *, advantages: torc
 
 
 def completion_logprobs(model: nn.Module, batch: EpisodeBatch, *, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, entropy_grad: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [E, C], entropy [E, C] or None) of the completion tokens under `model`, from logits divided by
-    `temperature`; padding positions hold 0. One forward, logits only at completion positions."""
+    `temperature`; padding positions hold 0. One forward, logits only at completion positions. The entropy is a
+    metric without gradient unless `entropy_grad` (PPO's entropy bonus differentiates it)."""
     logits = model(batch.input_ids, logits_mask=batch.logits_mask)  # [N, V], row-major over (row, completion)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
@@ -159,11 +177,22 @@ def completion_logprobs(model: nn.Module, batch: EpisodeBatch, *, temperature: f
     logps = torch.zeros(batch.targets.shape, dtype=flat.dtype, device=flat.device).masked_scatter(present, flat)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.no_grad() if not entropy_grad else contextlib.nullcontext():
             flat_entropy = entropy_from_logits(logits)
         entropy = torch.zeros(batch.targets.shape, dtype=flat_entropy.dtype,
                               device=flat_entropy.device).masked_scatter(present, flat_entropy)
     return logps, entropy
+
+
+def completion_values(critic: nn.Module, batch: EpisodeBatch) -> torch.Tensor:
+    """Values [E, C] of a scalar-head model (PPO's critic, `model(input_ids)` -> [E, L]) at the positions that
+    predict each completion token: V_t, the expected return of the state before token t is chosen (TRL's
+    `value[:, context_length - 1 : -1]`); padding positions hold 0. One forward."""
+    values = critic(batch.input_ids)  # [E, L]; right padding: the causal mask is exact for every real token
+    present = torch.arange(batch.targets.shape[1], device=batch.targets.device)[None, :] < (
+        batch.logits_mask.sum(-1, keepdim=True))
+    out = torch.zeros(batch.targets.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(present, values[batch.logits_mask])
 
 
 def rollout_logprobs(rollout: Rollout) -> torch.Tensor:

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "dpo": "alignkit.trainers.dpo",
     "grpo": "alignkit.trainers.grpo",
     "rs": "alignkit.trainers.rs",
+    "ppo": "alignkit.trainers.ppo",
 }
 
 

@@ -182,3 +182,153 @@ class RSConfig(ChatStageConfig):
     rollout: RolloutSection = field(default_factory=RolloutSection)
     # Rounds, the reward and what is kept.
     rs: RSSection = field(default_factory=RSSection)
+
+
+@dataclass
+class PPOSection:
+    # Reward functions, as grpo.reward_funcs: rm:PATH (a trained reward model: the RLHF reward), built-ins
+    # (accuracy, format, arithmetic), module:function or path/to/file.py:function.
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])
+    # One weight per reward function (default 1.0 each); the score of a completion is the weighted sum.
+    reward_weights: list[float] | None = None
+    # KL coefficient beta of the per-token reward -beta * KL_t (TRL's 0.05); the adaptive controller's start value.
+    kl_coef: float = 0.05
+    # KL estimator in the per-token reward: k1 (log pi - log ref, TRL's default), k2 or k3.
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Steer kl_coef toward target_kl (Ziegler et al.'s adaptive controller) instead of keeping it fixed.
+    adaptive_kl: bool = False
+    # The adaptive controller's target: the rollout's mean KL per completion (summed over its tokens), in nats.
+    target_kl: float = 6.0
+    # The adaptive controller's horizon in completions: each rollout moves kl_coef by at most a factor
+    # 1 +- 0.2 * completions / horizon.
+    horizon: float = 10000.0
+    # Discount of GAE (1: none, TRL's default).
+    gamma: float = 1.0
+    # GAE's lambda: 1 is the Monte-Carlo return minus the value, 0 the one-step TD error.
+    lam: float = 0.95
+    # Clip range of the policy's importance ratio: [1 - cliprange, 1 + cliprange].
+    cliprange: float = 0.2
+    # Clip range of the critic's values around those it predicted at rollout time.
+    cliprange_value: float = 0.2
+    # Weight of the value loss next to the policy loss (TRL's 0.1). The critic has its own optimizer, so with
+    # AdamW this mostly sets the value loss's share of critic-side gradient clipping, not its step size.
+    vf_coef: float = 0.1
+    # Passes over each rollout (TRL's 4); each pass shuffles the completions into num_mini_batches minibatches.
+    num_ppo_epochs: int = 4
+    # Minibatches per pass, each one optimizer step: num_ppo_epochs x num_mini_batches steps per rollout.
+    num_mini_batches: int = 1
+    # Whiten the per-token rewards (scale only, over the whole batch) before GAE, as lm-human-preferences does.
+    whiten_rewards: bool = False
+    # Normalise scores by the running mean and std of every score seen so far (TRL's use_score_norm).
+    reward_norm: bool = False
+    # Clip the scores (after normalisation) to [-reward_clip, reward_clip]; null: no clipping.
+    reward_clip: float | None = None
+    # Subtracted from the score of a completion that did not stop (cut at max_completion_length); null: off.
+    missing_eos_penalty: float | None = None
+    # Entropy bonus: entropy_coef times the policy's token-mean entropy is subtracted from the loss (0: off).
+    entropy_coef: float = 0.0
+    # Dual clip c > 1: the loss of a token with negative advantage is capped at -c * A (null: off).
+    dual_clip: float | None = None
+    # Iterations at the start that train only the critic (the policy is not updated), so the first policy updates
+    # get a useful baseline.
+    critic_warmup_steps: int = 0
+    # Where the critic starts: reward_model (the first rm:PATH reward model's weights and head, as TRL and
+    # InstructGPT do), policy (the starting policy's decoder with a zero-initialised value head; under LoRA it
+    # shares the policy's frozen base), auto (reward_model when an rm:PATH reward is given, else policy).
+    critic_init: Literal["auto", "reward_model", "policy"] = "auto"
+    # The critic's learning rate (null: optim.lr); its schedule and the rest of its optimizer are optim's.
+    critic_lr: float | None = None
+    # Weight of the pretraining-mix (PTX) loss: the token-mean next-token loss on one micro-batch of ptx.train per
+    # PPO minibatch, added to the policy's loss (InstructGPT's PPO-ptx). Default 0: without a PTX data source the
+    # objective is TRL's plain PPO, and the extra forward and backward cost nothing; set ptx.train and a
+    # coefficient > 0 to keep what the model knew from pretraining or SFT (docs/concepts/ppo.md).
+    ptx_coef: float = 0.0
+    # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a no-grad forward
+    # after the rollout), auto (rollout when fp32 and no top-k / top-p filter, else recompute).
+    old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
+    # Stop the run when the rollout's KL to the reference exceeds this many nats per completion token (the policy
+    # has left the reference: a diverged run), naming the last good checkpoint; null: only a NaN KL stops it.
+    kl_stop: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.reward_funcs:
+            raise ConfigError("ppo.reward_funcs is empty; name at least one reward function, e.g. rm:runs/rm/final.")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"ppo.reward_weights has {len(self.reward_weights)} values for "
+                              f"{len(self.reward_funcs)} reward functions; give one weight each.")
+        check_at_least("ppo", self, 1, ("num_ppo_epochs", "num_mini_batches"))
+        check_at_least("ppo", self, 0, ("critic_warmup_steps",))
+        rules = [
+            ("kl_coef", self.kl_coef, self.kl_coef >= 0, ">= 0"),
+            ("gamma", self.gamma, 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("lam", self.lam, 0 <= self.lam <= 1, "in [0, 1]"),
+            ("cliprange", self.cliprange, 0 < self.cliprange < 1, "in (0, 1)"),
+            ("cliprange_value", self.cliprange_value, self.cliprange_value > 0, "> 0"),
+            ("vf_coef", self.vf_coef, self.vf_coef >= 0, ">= 0"),
+            ("entropy_coef", self.entropy_coef, self.entropy_coef >= 0, ">= 0"),
+            ("ptx_coef", self.ptx_coef, self.ptx_coef >= 0, ">= 0"),
+        ]
+        optional = [
+            ("reward_clip", self.reward_clip, "> 0", lambda v: v > 0),
+            ("missing_eos_penalty", self.missing_eos_penalty, "a finite number", lambda v: True),
+            ("dual_clip", self.dual_clip, "> 1", lambda v: v > 1),
+            ("critic_lr", self.critic_lr, "> 0", lambda v: v > 0),
+            ("kl_stop", self.kl_stop, "> 0", lambda v: v > 0),
+        ]
+        rules += [(name, v, ok(v), rule) for name, v, rule, ok in optional if v is not None]
+        for name, value, ok, rule in rules:
+            if not (math.isfinite(value) and ok):
+                raise ConfigError(f"ppo.{name} must be {rule}; got {value}.")
+        if self.adaptive_kl:
+            for name, value in (("kl_coef", self.kl_coef), ("target_kl", self.target_kl), ("horizon", self.horizon)):
+                if not (math.isfinite(value) and value > 0):
+                    raise ConfigError(f"ppo.adaptive_kl scales ppo.kl_coef toward ppo.target_kl over ppo.horizon; "
+                                      f"ppo.{name} must be > 0 (got {value}).")
+        if self.critic_init == "reward_model" and not any(f.startswith("rm:") for f in self.reward_funcs):
+            raise ConfigError("ppo.critic_init is reward_model, but no ppo.reward_funcs entry is a reward model "
+                              "(rm:PATH); add one, or set ppo.critic_init to policy.")
+
+    def reward_model_path(self) -> str | None:
+        """The first rm:PATH reward's path: where critic_init reward_model starts the critic."""
+        return next((f[3:] for f in self.reward_funcs if f.startswith("rm:")), None)
+
+
+def _ptx_data() -> DataSection:
+    # Pretraining or SFT records for the PTX loss (ppo.ptx_coef): text records or a .txt file (cut into
+    # max_length chunks), or chat / instruction records (loss on the assistant tokens). Empty: no PTX data.
+    # eval_size / eval_fraction hold records out for eval/ptx_loss, the forgetting monitor at each evaluation.
+    return DataSection(format="auto", eval_fraction=0.0)
+
+
+@dataclass
+class PPOConfig(ChatStageConfig):
+    """PPO (RLHF with a reward model, a critic and a KL penalty to the starting policy), optionally with the
+    pretraining-mix loss (PPO-ptx).
+
+    Batch sizes count completions: train.batch_size / rollout.num_generations prompts per iteration, each iteration
+    one rollout and ppo.num_ppo_epochs x ppo.num_mini_batches optimizer steps of the policy and the critic over it.
+    """
+
+    data: DataSection = field(default_factory=_prompt_data)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-6, schedule="constant"))
+    # Sampling: completions per prompt (1 by default: PPO needs no group), lengths, temperature and filters.
+    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(num_generations=1))
+    # The objective, the KL controller, the critic and the tricks.
+    ppo: PPOSection = field(default_factory=PPOSection)
+    # The PTX data (ptx.train), its format and length, and a held-out share for eval/ptx_loss.
+    ptx: DataSection = field(default_factory=_ptx_data)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, minibatches = self.train.batch_size, self.ppo.num_mini_batches
+        if n % self.rollout.num_generations:
+            raise ConfigError(
+                f"train.batch_size {n} counts completions and must be a multiple of rollout.num_generations "
+                f"{self.rollout.num_generations} (whole groups per iteration)."
+            )
+        if n % minibatches:
+            raise ConfigError(f"train.batch_size {n} does not split into ppo.num_mini_batches {minibatches} equal "
+                              "minibatches; make it a multiple.")
+        if self.ppo.ptx_coef > 0 and not self.ptx.train:
+            raise ConfigError(f"ppo.ptx_coef is {self.ppo.ptx_coef} but ptx.train is empty; point ptx.train at "
+                              "pretraining or SFT data, or set ppo.ptx_coef to 0.")
