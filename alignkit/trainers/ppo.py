@@ -200,12 +200,15 @@ def check_kl(kl_per_token: float, limit: float | None, iteration: int, last_chec
     """Stop before an update when the rollout's KL per completion token is NaN / inf or above ppo.kl_stop."""
     if math.isfinite(kl_per_token) and (limit is None or kl_per_token <= limit):
         return
-    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
     what = "is not finite" if not math.isfinite(kl_per_token) else f"passed ppo.kl_stop {limit}"
+    where = (f"The newest checkpoint, {last_checkpoint}, holds the policy that sampled this rollout (train.keep_last "
+             "keeps earlier ones): resume it with --resume and a larger ppo.kl_coef (or ppo.adaptive_kl), or a larger "
+             "ppo.kl_stop if the drift is intended; or start again with a lower optim.lr."
+             if last_checkpoint else "No checkpoint was saved yet: start again with a lower optim.lr or a larger "
+             "ppo.kl_coef.")
     raise KLDivergedError(
         f"Iteration {iteration}: the policy's KL to the reference is {kl_per_token:.4g} nats per completion token "
-        f"and {what}; training stopped before this rollout's update ({where}). Lower optim.lr, raise ppo.kl_coef "
-        "(or turn on ppo.adaptive_kl), then resume with --resume; or raise ppo.kl_stop if the drift is intended."
+        f"and {what}; training stopped before this rollout's update, and nothing of it was saved. {where}"
     )
 
 
@@ -239,7 +242,7 @@ def make_loss_fns(cfg: PPOConfig, device: torch.device
             logits, labels = lm_forward(models["policy"], item.batch)
             nll_sum, _ = causal_lm_loss(logits, labels, num_tokens=1)
             local = labels.numel()
-            return p.ptx_coef * nll_sum / item.num_tokens, {"loss/ptx": mean(float(nll_sum) / max(local, 1),
+            return p.ptx_coef * nll_sum / item.num_tokens, {"loss/ptx": mean(float(nll_sum.detach()) / max(local, 1),
                                                                               weight=local)}
         batch = item.to(device)
         assert batch.old_logps is not None
@@ -334,7 +337,10 @@ def train(cfg: PPOConfig) -> RunResult:
     ptx_batches, eval_fn = None, None
     micro = cfg.train.micro_batch_size
     if cfg.ptx.train:
-        ptx_train, ptx_eval = load_examples(cfg.ptx, tokenizer)
+        try:
+            ptx_train, ptx_eval = load_examples(cfg.ptx, tokenizer)
+        except DataError as e:
+            raise DataError(f"ptx.train (the PTX data): {e}") from None
         ptx_items, ptx_collate = batching(ptx_train, cfg.ptx, tokenizer)
         if p.ptx_coef > 0:
             ptx_batches = StepBatches(ptx_items, collate=ptx_collate, batch_size=micro * world, micro_batch_size=micro,
