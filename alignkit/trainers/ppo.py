@@ -134,6 +134,8 @@ def build_critic(cfg: PPOConfig, policy: LlamaForCausalLM, tokenizer: Tokenizer,
                 "the critic reads the policy's token ids. Set ppo.critic_init to policy (the rm: reward itself "
                 "re-tokenises the text and stays correct)."
             )
+        if cfg.model.gradient_checkpointing:
+            critic.set_gradient_checkpointing(True)
         return critic, f"reward_model:{path}"
     critic = score_model_from_causal_lm(policy, head_init="zero")  # shares the policy's decoder...
     shared = {id(p): p for p in policy.parameters()} if cfg.lora.enabled else {}
@@ -442,10 +444,10 @@ def train(cfg: PPOConfig) -> RunResult:
                 if warmup:  # the critic alone: the policy's weights and optimizer do not move
                     rows.append(engine.step(micro_batches, critic_loss_fn, models=["critic"]))
                     continue
-                if ptx_stream is not None:
-                    [ptx_batch] = next(ptx_stream)
+                if ptx_stream is not None:  # first: under DDP the last micro-batch, which syncs the gradients,
+                    [ptx_batch] = next(ptx_stream)  # must run the critic too
                     ptx_tokens = int(dist.all_reduce_sum(torch.tensor(float(ptx_batch.num_tokens))))
-                    micro_batches.append(PTXBatch(ptx_batch, ptx_tokens))
+                    micro_batches.insert(0, PTXBatch(ptx_batch, ptx_tokens))
                 rows.append(engine.step(micro_batches, loss_fn))
         optimize_seconds = time.perf_counter() - started - rollout_seconds
         if not warmup:  # the policy did not move during warm-up: its KL says nothing about kl_coef
