@@ -202,6 +202,22 @@ def write_splits(out_dir: str | Path, data_dir: str | Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A format reward for GRPO (`grpo.reward_funcs: [accuracy, alignkit.tasks.word_problems:stated_answer]`)
+
+_ANSWER_PHRASE = re.compile(r"the answer is", re.IGNORECASE)
+_FINAL_LINE = re.compile(r"the answer is:?\s*\$?-?\d[\d,]*(?:\.\d+)?\s*[.!]?\s*$", re.IGNORECASE)
+
+
+def stated_answer(prompts: Sequence[Any], completions: Sequence[str], **_: Any) -> list[float | None]:
+    """1.0 when the reply says "The answer is N" exactly once and stops right after it, else 0.0.
+
+    SmolLM2-135M-Instruct often repeats "The answer is 7." until the token budget runs out, and a cut-off reply
+    cannot be right; this rewards finishing the reply where the answer is stated, whatever the number.
+    """
+    return [float(len(_ANSWER_PHRASE.findall(text)) == 1 and bool(_FINAL_LINE.search(text))) for text in completions]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Held-out accuracy
 
 
