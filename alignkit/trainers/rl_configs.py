@@ -239,9 +239,9 @@ class PPOSection:
     # The critic's learning rate (null: optim.lr); its schedule and the rest of its optimizer are optim's.
     critic_lr: float | None = None
     # Weight of the pretraining-mix (PTX) loss: the token-mean next-token loss on one micro-batch of ptx.train per
-    # PPO minibatch, added to the policy's loss (InstructGPT's PPO-ptx). Default 0: without a PTX data source the
-    # objective is TRL's plain PPO, and the extra forward and backward cost nothing; set ptx.train and a
-    # coefficient > 0 to keep what the model knew from pretraining or SFT (docs/concepts/ppo.md).
+    # PPO minibatch, added to the policy's loss (InstructGPT's PPO-ptx), against forgetting what pretraining or
+    # SFT taught. Default 0, TRL's plain PPO: PTX needs a data source (ptx.train) a PPO run does not otherwise
+    # have, and costs the forward and backward of one more micro-batch per optimizer step (docs/concepts/ppo.md).
     ptx_coef: float = 0.0
     # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a no-grad forward
     # after the rollout), auto (rollout when fp32 and no top-k / top-p filter, else recompute).
