@@ -7,6 +7,7 @@ minibatch selection, score shaping)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -289,7 +290,7 @@ def test_bad_input_is_refused_clearly(tmp_path: Path, tiny_model: Path) -> None:
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_diverging_kl_stops_the_run_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_a_diverging_kl_stops_the_run_naming_the_newest_checkpoint(tmp_path: Path) -> None:
     cfg = ppo_cfg(tmp_path, **{"ppo.kl_coef": 0.0, "ppo.kl_stop": 0.05, "train.save_every": 1})
     with pytest.raises(KLDivergedError, match=r"passed ppo.kl_stop 0.05.*newest checkpoint, .*step_0000\d\d, holds"):
         run("ppo", cfg)
@@ -356,3 +357,17 @@ def test_average_rows_means_the_steps_and_takes_the_ratio_variance() -> None:
     out = average_rows(rows)
     assert out["loss"] == 2.0 and out["val/ratio"] == pytest.approx(1.1) and out["lr/policy"] == 0.2
     assert out["num_tokens"] == 6 and out["val/ratio_var"] == pytest.approx(0.02)
+
+
+def test_every_ppo_field_has_a_doc_in_the_help() -> None:
+    from alignkit.config import config_help, field_docs
+    from alignkit.trainers.rl_configs import PPOSection
+
+    text = config_help(PPOConfig)
+    for cls, prefix in ((PPOConfig, ""), (PPOSection, "ppo.")):
+        for f in dataclasses.fields(cls):
+            assert field_docs(cls).get(f.name), f"{cls.__name__}.{f.name} has no doc"
+            if prefix:
+                assert f"{prefix}{f.name} (" in text
+    assert "ppo.ptx_coef (float, default 0.0)" in text and "Default 0, TRL's plain PPO" in text
+    assert "rollout.num_generations (int, default 1)" in text
