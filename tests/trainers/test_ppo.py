@@ -264,6 +264,29 @@ def test_lora_shares_one_frozen_base_between_actor_critic_and_reference(tmp_path
     assert result.metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-3)  # reference = adapters disabled
 
 
+def test_the_objective_switches_run_and_the_entropy_bonus_has_a_gradient(tmp_path: Path) -> None:
+    """One iteration each: the entropy bonus changes the policy's gradient (its entropy keeps its graph), the other
+    switches train without error and log what they change."""
+    def first_row(name: str, **overrides: Any) -> dict[str, Any]:
+        return run("ppo", ppo_cfg(tmp_path / name, **{"train.max_steps": 1, **overrides})).metrics[0]
+
+    base = first_row("base")
+    bonus = first_row("entropy", **{"ppo.entropy_coef": 0.5})
+    assert bonus["grad_norm/policy"] != base["grad_norm/policy"]
+    assert bonus["reward"] == base["reward"]  # same rollout: only the loss differs
+    for name, overrides in {"clips": {"ppo.dual_clip": 3.0, "ppo.num_mini_batches": 2, "ppo.lam": 1.0,
+                                      "ppo.gamma": 0.9},
+                            "shaping": {"ppo.whiten_rewards": True, "ppo.reward_clip": 0.5, "ppo.kl_estimator": "k3",
+                                        "ppo.old_logprobs": "recompute"}}.items():
+        row = first_row(name, **overrides)
+        assert math.isfinite(row["loss"]) and row["grad_norm/policy"] > 0, name
+    # The penalty lands on the completions that did not stop (a random policy stops 3 of 16 within 8 tokens).
+    eos = first_row("eos", **{"ppo.missing_eos_penalty": 1.0})
+    assert 0 < eos["completions/clipped_ratio"] < 1
+    assert eos["objective/scores"] == pytest.approx(base["objective/scores"] - eos["completions/clipped_ratio"],
+                                                    abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
