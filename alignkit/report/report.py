@@ -38,7 +38,7 @@ LOGPS_KEYS = ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps
 DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_delta", "eval/logps/rejected_delta")
 # RL stages (grpo per step, rs per round): the mean reward of the sampled answers, and how far the policy moved.
 REWARD_KEYS = ("reward",)
-DRIFT_KEYS = ("kl", "entropy")
+DRIFT_KEYS = ("kl", "objective/kl", "entropy")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
