@@ -240,14 +240,14 @@ class WordProblem:
 
 def read_problems(path: str | Path, *, system_prompt: str | None = SYSTEM_PROMPT,
                   limit: int | None = None) -> list[WordProblem]:
-    """{question, answer} JSONL -> problems (the first `limit` when set)."""
+    """{question, answer} JSONL -> problems (the first `limit` when set). The reference is read as GRPO's prompt
+    reader reads it (`alignkit.data.formats.verifiable_prompts`): GSM8K's "...\\n#### 72" gives "72"."""
+    from alignkit.data.formats import verifiable_prompts
     from alignkit.data.readers import read_jsonl
 
     records = read_jsonl(path)[:limit]
-    for index, record in enumerate(records):
-        if not isinstance(record.get("question"), str) or record.get("answer") is None:
-            raise DataError(f"{path}, record {index}: needs a string 'question' and an 'answer' (has {sorted(record)}).")
-    return [WordProblem(r["question"], str(r["answer"]), system_prompt) for r in records]
+    prompts = verifiable_prompts(records, source=str(path))
+    return [WordProblem(p.messages[-1]["content"], p.answer, system_prompt) for p in prompts]
 
 
 def evaluate(model_path: str, eval_file: str | Path, *, system_prompt: str | None = SYSTEM_PROMPT,

@@ -133,10 +133,12 @@ def test_evaluate_checks_answers_by_value(tmp_path: Path, monkeypatch: pytest.Mo
     assert tokenizer.prompts[0] == [{"role": "system", "content": W.SYSTEM_PROMPT}, {"role": "user", "content": "Q0"}]
 
 
-def test_read_problems_names_the_bad_record(tmp_path: Path) -> None:
+def test_read_problems_reads_gsm8k_answers_and_names_a_bad_record(tmp_path: Path) -> None:
     path = tmp_path / "eval.jsonl"
+    path.write_text('{"question": "Q", "answer": "1"}\n{"question": "Q1", "answer": "48 / 2 = 24\\n#### 1,024"}\n')
+    assert [(p.question, p.reference) for p in W.read_problems(path)] == [("Q", "1"), ("Q1", "1024")]
     path.write_text('{"question": "Q", "answer": "1"}\n{"question": "Q2"}\n')
-    with pytest.raises(DataError, match=r"eval.jsonl, record 1: needs a string 'question' and an 'answer'"):
+    with pytest.raises(DataError, match=r"record 1 of .*eval.jsonl has no 'answer' field"):
         W.read_problems(path)
 
 
