@@ -252,10 +252,11 @@ def read_problems(path: str | Path, *, system_prompt: str | None = SYSTEM_PROMPT
 
 def evaluate(model_path: str, eval_file: str | Path, *, system_prompt: str | None = SYSTEM_PROMPT,
              max_new_tokens: int = 200, temperature: float = 0.0, samples_per_problem: int = 1,
-             batch_size: int = 64, limit: int | None = None, seed: int = 0) -> dict[str, Any]:
+             batch_size: int = 64, limit: int | None = None, seed: int = 0, num_examples: int = 5) -> dict[str, Any]:
     """Accuracy of a model (HF directory, .gguf, alignkit run, or an installed name) on a problems file: each
     question through the chat template with `system_prompt`, greedy (or sampled at `temperature`), and the final
-    answer checked by value with `alignkit.rewards.verifiable.answers_match`, the `accuracy` reward of GRPO."""
+    answer checked by value with `alignkit.rewards.verifiable.answers_match`, the `accuracy` reward of GRPO. The
+    result is `verifiable_accuracy`'s, with the first `num_examples` replies."""
     import alignkit
     from alignkit.eval.verifiable import verifiable_accuracy
     from alignkit.rewards.verifiable import answers_match
@@ -266,7 +267,7 @@ def evaluate(model_path: str, eval_file: str | Path, *, system_prompt: str | Non
     problems = read_problems(eval_file, system_prompt=system_prompt, limit=limit)
     return verifiable_accuracy(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                is_correct=answers_match, temperature=temperature,
-                               samples_per_problem=samples_per_problem, seed=seed)
+                               samples_per_problem=samples_per_problem, seed=seed, num_examples=num_examples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1, help="samples per problem when --temperature > 0")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=5, help="replies to include in the output (default 5)")
     parser.add_argument("--no-system-prompt", action="store_true", help="ask the bare question (no system message)")
     args = parser.parse_args(argv)
     if not args.out and not args.evaluate:
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--evaluate needs --eval-file (or --out, whose eval.jsonl is used)")
             result = evaluate(args.evaluate, eval_file, system_prompt=None if args.no_system_prompt else SYSTEM_PROMPT,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              samples_per_problem=args.samples, batch_size=args.batch_size, limit=args.limit)
+                              samples_per_problem=args.samples, batch_size=args.batch_size, limit=args.limit,
+                              num_examples=args.examples)
             print(json.dumps({"model": args.evaluate, "temperature": args.temperature, **result}, indent=1))
     except UserError as e:
         print(f"word_problems: error: {e}", file=sys.stderr)

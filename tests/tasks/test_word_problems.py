@@ -126,7 +126,7 @@ def test_evaluate_checks_answers_by_value(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(alignkit, "load", lambda path: (object(), tokenizer))
     monkeypatch.setattr(V, "generate", fake_generate)
-    result = W.evaluate("some-model", eval_file, max_new_tokens=17, batch_size=2)
+    result = W.evaluate("some-model", eval_file, max_new_tokens=17, batch_size=2, num_examples=10)
     assert (result["num"], result["num_correct"]) == (5, 3) and result["accuracy"] == pytest.approx(0.6)
     assert [e["correct"] for e in result["examples"]] == [True, True, False, True, False]
     assert all(p.temperature == 0 and p.max_new_tokens == 17 for p in seen) and len(seen) == 3
