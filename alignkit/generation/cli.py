@@ -11,7 +11,7 @@ from alignkit.errors import CheckpointError, ConfigError
 from alignkit.generation.engine import generate
 from alignkit.generation.sampling import SamplingParams
 from alignkit.model import DTYPES
-from alignkit.rollout.cli import add_reward_arguments, load_rewards
+from alignkit.rollout.cli import add_reward_arguments, rewards_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def run_generate(args: argparse.Namespace) -> int:
             args.temperature = 1.0
         if not args.temperature > 0:
             raise ConfigError("--best-of needs --temperature > 0 (greedy decoding gives the same answer every time).")
-        functions, weights = load_rewards(args, "cpu")  # a bad reward spec fails before the model loads
+        functions, weights = rewards_from_args(args, "cpu")  # a bad reward spec fails before the model loads
     elif args.reward or args.answer is not None:
         raise ConfigError("--reward and --answer choose among --best-of N samples; add --best-of N.")
     params = SamplingParams(

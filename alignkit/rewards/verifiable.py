@@ -171,6 +171,24 @@ def load_reward_function(spec: str, *, device: Any = "cpu") -> RewardFn:
     return function
 
 
+def load_rewards(specs: Sequence[str], weights: Sequence[float] | None = None, *, device: Any = "cpu"
+                 ) -> tuple[list[RewardFn], list[float]]:
+    """The reward functions of `specs` (see `load_reward_function`) and their weights (default 1.0 each)."""
+    weights = list(weights) if weights is not None else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise ConfigError(f"{len(weights)} reward weights for {len(specs)} reward functions; give one weight each.")
+    return [load_reward_function(spec, device=device) for spec in specs], weights
+
+
+def check_reward_specs(section: str, specs: Sequence[str], weights: Sequence[float] | None, example: str) -> None:
+    """A config section's reward_funcs / reward_weights: at least one function, one weight each when given."""
+    if not specs:
+        raise ConfigError(f"{section}.reward_funcs is empty; name at least one reward function, e.g. {example}.")
+    if weights is not None and len(weights) != len(specs):
+        raise ConfigError(f"{section}.reward_weights has {len(weights)} values for {len(specs)} reward functions; "
+                          "give one weight each.")
+
+
 def reward_name(function: RewardFn) -> str:
     return getattr(function, "__name__", type(function).__name__)
 

@@ -36,14 +36,10 @@ def add_reward_arguments(parser: argparse.ArgumentParser, *, required: bool) -> 
                         help="one weight per --reward (default 1 each)")
 
 
-def load_rewards(args: argparse.Namespace, device: str) -> tuple[list[Any], list[float]]:
-    from alignkit.rewards.verifiable import load_reward_function
+def rewards_from_args(args: argparse.Namespace, device: str) -> tuple[list[Any], list[float]]:
+    from alignkit.rewards import verifiable
 
-    specs = list(args.reward or [])
-    weights = list(args.reward_weights or [1.0] * len(specs))
-    if len(weights) != len(specs):
-        raise ConfigError(f"--reward-weights has {len(weights)} values for {len(specs)} --reward; give one each.")
-    return [load_reward_function(spec, device=device) for spec in specs], weights
+    return verifiable.load_rewards(list(args.reward or []), args.reward_weights, device=device)
 
 
 def add_sample_command(subparsers: Any) -> None:
@@ -116,7 +112,7 @@ def run_sample(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if (output / "samples.jsonl").exists():
         raise ConfigError(f"{output} already holds samples.jsonl; choose a new --output (nothing was overwritten).")
-    functions, weights = load_rewards(args, args.device)  # a bad reward spec fails before the model loads
+    functions, weights = rewards_from_args(args, args.device)  # a bad reward spec fails before the model loads
     model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if tokenizer is None:
         raise CheckpointError(f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); sampling needs one.")

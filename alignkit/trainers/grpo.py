@@ -39,7 +39,7 @@ from alignkit.losses.policy import (
     kl_estimate,
     reinforce_pp_advantages,
 )
-from alignkit.rewards.verifiable import RewardFn, load_reward_function, overlong_penalty
+from alignkit.rewards.verifiable import RewardFn, load_rewards, overlong_penalty
 from alignkit.rollout import (
     EpisodeBatch,
     Rollout,
@@ -68,8 +68,7 @@ Config = GRPOConfig
 
 
 def reward_functions(cfg: GRPOConfig, device: torch.device) -> tuple[list[RewardFn], list[float]]:
-    functions = [load_reward_function(spec, device=device) for spec in cfg.grpo.reward_funcs]
-    weights = list(cfg.grpo.reward_weights or [1.0] * len(functions))
+    functions, weights = load_rewards(cfg.grpo.reward_funcs, cfg.grpo.reward_weights, device=device)
     if cfg.grpo.overlong_cache is not None:
         functions.append(overlong_penalty(cfg.rollout.max_completion_length, cfg.grpo.overlong_cache))
         weights.append(1.0)

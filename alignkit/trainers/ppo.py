@@ -57,7 +57,7 @@ from alignkit.model import DTYPES, LlamaForCausalLM
 from alignkit.model.llama import LlamaForScore
 from alignkit.model.lora import disable_adapters
 from alignkit.rewards.scoring import load_reward_model, score_model_from_causal_lm
-from alignkit.rewards.verifiable import RewardFn, load_reward_function
+from alignkit.rewards.verifiable import RewardFn, load_rewards
 from alignkit.rollout import (
     EpisodeBatch,
     completion_logprobs,
@@ -101,8 +101,7 @@ class PTXBatch:
 
 
 def reward_functions(cfg: PPOConfig, device: torch.device) -> tuple[list[RewardFn], list[float]]:
-    functions = [load_reward_function(spec, device=device) for spec in cfg.ppo.reward_funcs]
-    return functions, list(cfg.ppo.reward_weights or [1.0] * len(functions))
+    return load_rewards(cfg.ppo.reward_funcs, cfg.ppo.reward_weights, device=device)
 
 
 def build_critic(cfg: PPOConfig, policy: LlamaForCausalLM, tokenizer: Tokenizer, device: torch.device

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignkit.errors import ConfigError, check_at_least
+from alignkit.rewards.verifiable import check_reward_specs
 from alignkit.trainers.configs import ChatStageConfig, DataSection, OptimSection
 
 
@@ -75,11 +76,7 @@ class GRPOSection:
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
-        if not self.reward_funcs:
-            raise ConfigError("grpo.reward_funcs is empty; name at least one reward function, e.g. accuracy.")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} values for "
-                              f"{len(self.reward_funcs)} reward functions; give one weight each.")
+        check_reward_specs("grpo", self.reward_funcs, self.reward_weights, "accuracy")
         if not (math.isfinite(self.epsilon) and 0 < self.epsilon < 1):
             raise ConfigError(f"grpo.epsilon must be in (0, 1); got {self.epsilon}.")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
@@ -158,11 +155,7 @@ class RSSection:
         check_at_least("rs", self, 1, ("rounds", "k", "sample_batch_size"))
         if self.prompts_per_round is not None and self.prompts_per_round < 1:
             raise ConfigError(f"rs.prompts_per_round must be at least 1 (or null); got {self.prompts_per_round}.")
-        if not self.reward_funcs:
-            raise ConfigError("rs.reward_funcs is empty; name at least one reward function, e.g. accuracy.")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"rs.reward_weights has {len(self.reward_weights)} values for "
-                              f"{len(self.reward_funcs)} reward functions; give one weight each.")
+        check_reward_specs("rs", self.reward_funcs, self.reward_weights, "accuracy")
         if self.keep == "threshold" and self.threshold is None:
             raise ConfigError("rs.keep is threshold but rs.threshold is null; set the lowest reward to keep.")
 
@@ -251,11 +244,7 @@ class PPOSection:
     kl_stop: float | None = 10.0
 
     def __post_init__(self) -> None:
-        if not self.reward_funcs:
-            raise ConfigError("ppo.reward_funcs is empty; name at least one reward function, e.g. rm:runs/rm/final.")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ConfigError(f"ppo.reward_weights has {len(self.reward_weights)} values for "
-                              f"{len(self.reward_funcs)} reward functions; give one weight each.")
+        check_reward_specs("ppo", self.reward_funcs, self.reward_weights, "rm:runs/rm/final")
         check_at_least("ppo", self, 1, ("num_ppo_epochs", "num_mini_batches"))
         check_at_least("ppo", self, 0, ("critic_warmup_steps",))
         rules = [

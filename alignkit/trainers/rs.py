@@ -27,7 +27,7 @@ from alignkit.engine import distributed as dist
 from alignkit.engine.logging import MetricsLogger
 from alignkit.errors import ConfigError
 from alignkit.generation import SamplingParams
-from alignkit.rewards.verifiable import load_reward_function
+from alignkit.rewards.verifiable import load_rewards
 from alignkit.rollout.best_of import sample_and_select, sample_records, sample_summary, sft_records
 from alignkit.rollout.cli import jsonl, write_atomic
 from alignkit.rollout.prompts import PromptItem, load_prompts
@@ -89,8 +89,7 @@ def train(cfg: RSConfig) -> RunResult:
     if cfg.model.path is None:
         raise ConfigError("rejection sampling starts from a trained model; set model.path.")
     info = setup(cfg.train)
-    weights = list(cfg.rs.reward_weights or [1.0] * len(cfg.rs.reward_funcs))
-    functions = [load_reward_function(spec, device=info.device) for spec in cfg.rs.reward_funcs]
+    functions, weights = load_rewards(cfg.rs.reward_funcs, cfg.rs.reward_weights, device=info.device)
     run_dir = Path(cfg.train.output_dir)
     if not cfg.train.resume and (run_dir / "round_1").exists():
         raise ConfigError(f"{run_dir} already holds rejection-sampling rounds; pass --resume (train.resume=true) to "
