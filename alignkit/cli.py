@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "merge": "alignkit.checkpoint.cli",
     "tokenizer": "alignkit.tokenizer.cli",
     "score": "alignkit.rewards.cli",
+    "eval": "alignkit.eval.cli",
 }
 
 

@@ -1,0 +1,263 @@
+"""Few-shot evaluation of one model on several tasks and shot counts, and what it writes.
+
+```python
+tasks = [load_task("arc_easy"), load_task("path/to/my_task.jsonl")]
+results = evaluate_tasks(model, tokenizer, tasks, shots=[0, 1, 5], limit=200)
+write_outputs(results, "runs/eval/smollm2", meta={"model": "smollm2-135m-instruct"})
+```
+
+Every shot count of a task scores the same records (those after the shot pool), so the points of an in-context
+learning curve differ only in the number of examples in the prompt.
+
+Outputs: `results.json` (every task, shot count, metric, standard error and n), `samples_<task>_<k>shot.jsonl`
+(one record per item: prompt, choices, log-likelihoods, prediction, gold), `results.md` (the markdown table) and
+`icl.png` (accuracy against shots, one line per task; when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alignkit.errors import ConfigError
+from alignkit.eval.loglikelihood import encode_pairs, score_requests
+from alignkit.eval.metrics import choice_predictions, mean_stderr, perplexity
+from alignkit.eval.tasks import Doc, Task, build_requests, fewshot_prefix
+
+if TYPE_CHECKING:
+    from alignkit.model import LlamaForCausalLM
+    from alignkit.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskResult:
+    """One task at one shot count: metric -> value, metric_stderr -> its standard error, and the samples."""
+
+    task: str
+    shots: int
+    num_items: int
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    elapsed_s: float = 0.0
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [k for k in self.metrics if not k.endswith("_stderr")]
+
+
+def check_shots(shots: Sequence[int]) -> list[int]:
+    """Shot counts sorted, without repeats; a ConfigError for a negative count or none at all."""
+    if not shots:
+        raise ConfigError("give at least one shot count (e.g. 0 or 0,1,5).")
+    if any(k < 0 for k in shots):
+        raise ConfigError(f"shot counts must be 0 or more; got {list(shots)}.")
+    return sorted(set(shots))
+
+
+def prepare(task: Task, shots: Sequence[int], *, shot_pool: int | None = None, limit: int | None = None
+            ) -> tuple[list[Doc], list[Doc]]:
+    """(shot pool, scored records) of `task` for these shot counts; every error about them, before any scoring.
+
+    The pool is the first `shot_pool` records (default: the largest shot count); the scored records are the
+    next `limit` (default: all the rest).
+    """
+    pool_size = max(shots) if shot_pool is None else shot_pool
+    pool, docs = task.split(pool_size)
+    for k in shots:
+        fewshot_prefix(pool, k)  # raises when the pool is too small for k
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1; got {limit}.")
+        docs = docs[:limit]
+    return pool, docs
+
+
+def evaluate_task(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    task: Task,
+    shots: Sequence[int],
+    *,
+    shot_pool: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_batch_tokens: int = 16384,
+) -> list[TaskResult]:
+    """One result per shot count of `task` (see `prepare` for the shot pool and `limit`)."""
+    shots = check_shots(shots)
+    pool, docs = prepare(task, shots, shot_pool=shot_pool, limit=limit)
+    results = []
+    for k in shots:
+        start = time.perf_counter()
+        prefix = fewshot_prefix(pool, k)
+        pairs = [build_requests(doc, prefix) for doc in docs]
+        flat = encode_pairs(tokenizer, [p for item in pairs for p in item])
+        requests, offset = [], 0
+        for item in pairs:
+            requests.append(flat[offset : offset + len(item)])
+            offset += len(item)
+        scores = score_requests(model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        if task.layout == "continuation":
+            result = _continuation_result(task, k, docs, pairs, scores)
+        else:
+            result = _choice_result(task, k, docs, pairs, scores)
+        result.elapsed_s = time.perf_counter() - start
+        summary = ", ".join(f"{m} {result.metrics[m]:.4f}" for m in result.metric_names)
+        logger.info(f"{task.name} {k}-shot: {summary} (n={result.num_items}, {result.elapsed_s:.1f}s)")
+        results.append(result)
+    return results
+
+
+def _choice_result(task: Task, k: int, docs: list[Doc], pairs: list[list[tuple[str, str]]],
+                   scores: list[list[Any]]) -> TaskResult:
+    """acc (and acc_norm for the `choices` layout; with `partial` every option scores the same continuation,
+    so lm-evaluation-harness reports acc alone) with their standard errors."""
+    acc, acc_norm, samples = [], [], []
+    for doc, item, item_scores in zip(docs, pairs, scores):
+        lls = [s.logprob for s in item_scores]
+        pred, pred_norm = choice_predictions(lls, doc.continuations)
+        acc.append(float(pred == doc.gold))
+        sample: dict[str, Any] = {
+            "index": doc.index, "line": doc.line,
+            "prompt": item[0][0] if task.layout == "choices" else [context for context, _ in item],
+            "choices": list(doc.continuations) if task.layout == "choices" else list(doc.contexts),
+            **({"continuation": doc.continuations[0]} if task.layout == "partial" else {}),
+            "loglikelihoods": lls, "num_tokens": [s.num_tokens for s in item_scores],
+            "is_greedy": [s.is_greedy for s in item_scores],
+            "prediction": pred, "gold": doc.gold, "acc": acc[-1],
+        }
+        if task.layout == "choices":
+            acc_norm.append(float(pred_norm == doc.gold))
+            sample.update(prediction_norm=pred_norm, acc_norm=acc_norm[-1])
+        samples.append(sample)
+    metrics: dict[str, float] = {}
+    for name, values in (("acc", acc), ("acc_norm", acc_norm)):
+        if values:
+            metrics[name], metrics[f"{name}_stderr"] = mean_stderr(values)
+    return TaskResult(task.name, k, len(docs), metrics, samples)
+
+
+def _continuation_result(task: Task, k: int, docs: list[Doc], pairs: list[list[tuple[str, str]]],
+                         scores: list[list[Any]]) -> TaskResult:
+    """LAMBADA's metrics: acc (the continuation is the greedy one) and perplexity."""
+    greedy, lls, samples = [], [], []
+    for doc, item, item_scores in zip(docs, pairs, scores):
+        score = item_scores[0]
+        greedy.append(float(score.is_greedy))
+        lls.append(score.logprob)
+        samples.append({
+            "index": doc.index, "line": doc.line, "prompt": item[0][0], "continuation": doc.continuations[0],
+            "loglikelihood": score.logprob, "num_tokens": score.num_tokens, "is_greedy": score.is_greedy,
+            "acc": greedy[-1],
+        })
+    metrics: dict[str, float] = {}
+    metrics["acc"], metrics["acc_stderr"] = mean_stderr(greedy)
+    metrics["perplexity"], metrics["perplexity_stderr"] = perplexity(lls)
+    return TaskResult(task.name, k, len(docs), metrics, samples)
+
+
+def evaluate_tasks(model: LlamaForCausalLM, tokenizer: Tokenizer, tasks: Sequence[Task], shots: Sequence[int],
+                   **kwargs: Any) -> list[TaskResult]:
+    """`evaluate_task` for each task, in order (keyword arguments as there)."""
+    return [result for task in tasks for result in evaluate_task(model, tokenizer, task, shots, **kwargs)]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def results_json(results: Sequence[TaskResult], meta: dict[str, Any]) -> dict[str, Any]:
+    """{**meta, "results": {task: {"<k>": {metric: value, metric_stderr: error, "n": items, "elapsed_s"}}}}."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for r in results:
+        tasks.setdefault(r.task, {})[str(r.shots)] = {
+            **{name: _json_number(value) for name, value in r.metrics.items()},
+            "n": r.num_items, "elapsed_s": round(r.elapsed_s, 3),
+        }
+    return {**meta, "results": tasks}
+
+
+def markdown_table(results: Sequence[TaskResult]) -> str:
+    """One row per task and metric, one column per shot count: `value ± stderr`."""
+    shots = sorted({r.shots for r in results})
+    by_key = {(r.task, r.shots): r for r in results}
+    tasks = list(dict.fromkeys(r.task for r in results))
+    lines = ["| task | metric | " + " | ".join(f"{k}-shot" for k in shots) + " | n |",
+             "|---|---|" + "---:|" * len(shots) + "---:|"]
+    for task in tasks:
+        first = next(r for r in results if r.task == task)
+        for metric in first.metric_names:
+            cells = []
+            for k in shots:
+                r = by_key.get((task, k))
+                if r is None or metric not in r.metrics:
+                    cells.append("")
+                    continue
+                value, err = r.metrics[metric], r.metrics.get(f"{metric}_stderr", math.nan)
+                cells.append(f"{value:.4f}" + ("" if math.isnan(err) else f" ± {err:.4f}"))
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {first.num_items} |")
+    return "\n".join(lines) + "\n"
+
+
+def icl_plot(results: Sequence[TaskResult], path: Path, *, metric: str = "acc", title: str | None = None) -> bool:
+    """Accuracy against the number of shots, one line per task with ±1 standard error bars; False (and no
+    file) when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for task in dict.fromkeys(r.task for r in results):
+        points = sorted((r.shots, r.metrics[metric], r.metrics.get(f"{metric}_stderr", math.nan))
+                        for r in results if r.task == task and metric in r.metrics)
+        if points:
+            xs, ys, errs = zip(*points)
+            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=3, label=task)
+    shots = sorted({r.shots for r in results})
+    ax.set_xticks(shots)
+    ax.set_xlabel("shots in the prompt")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"few-shot {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def sample_file_name(task: str, shots: int) -> str:
+    return f"samples_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}_{shots}shot.jsonl"
+
+
+def write_outputs(results: Sequence[TaskResult], out_dir: str | Path, *, meta: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, results.md, the samples files and icl.png into `out_dir`; returns what was written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"results.json": out / "results.json", "results.md": out / "results.md"}
+    written["results.json"].write_text(json.dumps(results_json(results, meta), indent=2) + "\n")
+    title = f"# Few-shot evaluation: {meta['model']}\n\n" if "model" in meta else ""
+    written["results.md"].write_text(title + markdown_table(results))
+    for r in results:
+        path = out / sample_file_name(r.task, r.shots)
+        with path.open("w") as f:
+            for sample in r.samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        written[path.name] = path
+    if icl_plot(results, out / "icl.png", title=f"few-shot accuracy: {meta['model']}" if "model" in meta else None):
+        written["icl.png"] = out / "icl.png"
+    return written
