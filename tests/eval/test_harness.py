@@ -125,3 +125,18 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "samples_qa_1shot.jsonl").read_text().count("\n") == 2
     pytest.importorskip("matplotlib")
     assert written["icl.png"].stat().st_size > 0
+
+
+def test_shared_task_files_match_the_plain_scorer(shared_data: Path) -> None:
+    """Two items of every shared task at 2 shots on a tiny model with a 256-token window: real prompt lengths, so
+    long BoolQ and LAMBADA prompts are cut on the left as lm-evaluation-harness cuts them."""
+    from alignkit.eval.tasks import known_tasks
+
+    known = known_tasks(shared_data)
+    if not known:
+        pytest.skip(f"no icl_eval folder in {shared_data}")
+    model, tok = tiny_model(max_position_embeddings=256), char_tokenizer()
+    for name in known:
+        [result] = evaluate_task(model, tok, load_task(name, shared_data), [2], limit=2)
+        assert result.num_items == 2
+        _check_samples_against_plain(model, tok, result)
