@@ -6,6 +6,12 @@ takes an existing one with `--hf-dir`, writes the data file, then runs each side
 (`script --worker <side>`), so that the peak memory a side reports is its own. A side that fails is reported and
 the other still runs.
 
+A script may run more sides than alignkit and TRL (bench/ppo.py adds alignkit's GRPO as a reference point), and a
+`prepare(args, model_dir, work_root)` hook that writes what every side shares besides the model and the data (bench/
+ppo.py's reward model) and sets the script's options that point at it before they are handed to the workers. The
+TRL side runs under `--trl-python` (default: this interpreter), so a TRL version other than the one installed here
+can be measured from its own virtual environment (bench/ppo.py needs TRL 1.12: later releases dropped PPO).
+
 `--device cuda` trains on the GPU on both sides (alignkit `train.device`, TRL `use_cpu=False`) and adds each side's
 peak GPU memory (`torch.cuda.max_memory_allocated`) to its peak RSS. Step times on the GPU are synchronised: TRL's
 step timer waits for the GPU; alignkit's engine reads the loss and gradient norm back to the host inside every step
@@ -120,15 +126,17 @@ def trl_step_timer(times: list[float]) -> Any:
     return StepTimer()
 
 
-def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help: str,
-           helps: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help: str, warmup: int = 2,
+           helps: Mapping[str, str] | None = None, sides: Sequence[str] = ("alignkit", "trl")
+           ) -> argparse.ArgumentParser:
     """The arguments every side-by-side benchmark takes; `helps` describes --quick, --batch-size and --max-length
-    where a script gives them its own meaning (by argument name: quick, batch_size, max_length)."""
+    where a script gives them its own meaning (by argument name: quick, batch_size, max_length); `sides` are the
+    script's sides, all run by default."""
     helps = helps or {}
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=helps.get("quick", "4 steps of batch 2, 1 untimed: a smoke run"))
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (kernel selection, allocation)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed first steps (kernel selection, allocation)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=helps.get("batch_size"))
     p.add_argument("--max-length", type=int, default=256, help=helps.get("max_length"))
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -143,8 +151,11 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
                    help="an HF model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) "
                         "to use instead of converting the GGUF, e.g. one written by bench/make_random_smollm2.py")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides train")
-    p.add_argument("--sides", default="alignkit,trl", help="comma-separated sides to run")
-    p.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--sides", default=",".join(sides), help="comma-separated sides to run")
+    p.add_argument("--trl-python", default=sys.executable,
+                   help="the Python interpreter that runs the TRL side (default: this one), e.g. a virtual "
+                        "environment's bin/python with another TRL version")
+    p.add_argument("--worker", choices=list(sides), help=argparse.SUPPRESS)
     for hidden in ("--model-dir", "--data", "--work-dir", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p
@@ -185,13 +196,17 @@ def main(
     options: Sequence[Option] = (),
     quick: Mapping[str, Any] | None = None,
     helps: Mapping[str, str] | None = None,
+    prepare: Callable[[argparse.Namespace, Path, Path], None] | None = None,
 ) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]] | None:
     """Parse the arguments; in a worker run one side and return None; in the driver run the sides and return
     (args, {side: result}) for the script to print. `args.failed` lists the sides that failed (not in results).
 
     `options` are the script's own arguments, handed on to the workers; `quick` overrides --quick's settings
-    (4 steps of batch 2, 1 untimed, `quick_records` records) by argument name; `helps` as in `parser`."""
-    p = parser(doc, records_help=records_help, helps=helps, **defaults)
+    (4 steps of batch 2, 1 untimed, `quick_records` records) by argument name; `helps` as in `parser`.
+    `prepare(args, model_dir, work_root)` runs in the driver once the model and the data are in place, before any
+    side: it may write shared files under work_root and set options in `args` that the workers then receive.
+    The "trl" side runs under --trl-python, every other side under this interpreter."""
+    p = parser(doc, records_help=records_help, helps=helps, sides=list(sides), **defaults)
     for flag, spec in options:
         p.add_argument(flag, **spec)
     args = p.parse_args()
@@ -219,9 +234,12 @@ def main(
                            cwd=REPO_ROOT)
         data = Path(tmp) / f"data{''.join(source.suffixes[:1]) or '.jsonl'}"
         write_data(source, data, args.records)
+        if prepare is not None:
+            prepare(args, model_dir, Path(tmp))
         for side in chosen:
             out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, script, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+            python = args.trl_python if side == "trl" else sys.executable
+            cmd = [python, script, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
                    "--work-dir", str(Path(tmp) / f"run-{side}"), "--result", str(out), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", args.precision,
