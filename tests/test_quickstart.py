@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignkit.cli import main
 from alignkit.config import config_to_dict
@@ -20,8 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_packaged_recipe_and_overrides() -> None:
     recipe = load_recipe(None)
-    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate", "report"]
-    assert recipe.evaluate.models == ["pretrain", "sft", "dpo", "rs", "grpo"] and recipe.evaluate.reward_models == ["rm"]
+    assert recipe.stages == ["data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "ppo", "ppo_ptx",
+                             "evaluate", "report"]
+    assert recipe.evaluate.models == ["pretrain", "sft", "dpo", "rs", "grpo", "ppo", "ppo_ptx"]
+    assert recipe.evaluate.reward_models == ["rm"]
+    assert recipe.ppo.ppo.ptx_coef == 0.0 and recipe.ppo_ptx.ptx_coef > 0
     assert all(stage in STAGES for stage in recipe.stages)
     fast = load_recipe(None, fast=True, overrides=["pretrain.train.max_steps=7", "sft.optim.lr=2e-4"])
     assert fast.pretrain.train.max_steps == 7  # command line wins over --fast
@@ -117,8 +121,8 @@ def test_summary_table_compares_sft_and_dpo() -> None:
 
 def test_unknown_stage(tmp_path: Path) -> None:
     recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text("stages: [data, ppo]\n")
-    with pytest.raises(ConfigError, match="unknown stage 'ppo'"):
+    recipe_path.write_text("stages: [data, kto]\n")
+    with pytest.raises(ConfigError, match="unknown stage 'kto'"):
         load_recipe(recipe_path)
 
 
@@ -127,9 +131,9 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(out)]) == 0
     recipe = config_to_dict(load_recipe(None, fast=True))
-    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate"):
+    for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "ppo", "ppo_ptx", "evaluate"):
         assert (out / stage).is_dir()
-    for stage in ("pretrain", "sft", "rm", "dpo", "rs", "grpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "rs", "grpo", "ppo", "ppo_ptx"):
         assert (out / stage / "final" / "model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     # The reward model is exported as a score model; DPO cached its SFT-reference log-probs.
@@ -169,10 +173,20 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     [rs_row] = jsonl(out / "rs" / "metrics.jsonl")
     assert rs_row["prompts"] == 8 and rs_row["pass_rate"] == 1.0 and rs_row["sft/examples"] == 8
     assert rs_row["sft/steps"] == 2 and len(jsonl(out / "rs" / "round_1" / "samples.jsonl")) == 16
+    # PPO against the reward model, with and without PTX; both watch the pretraining text and plain-text problems.
+    ppo_rows, ptx_rows = jsonl(out / "ppo" / "metrics.jsonl"), jsonl(out / "ppo_ptx" / "metrics.jsonl")
+    rm_dir = str(out / "rm" / "final")
+    for stage, stage_rows, coef in (("ppo", ppo_rows, 0.0), ("ppo_ptx", ptx_rows, recipe["ppo_ptx"]["ptx_coef"])):
+        config = yaml.safe_load((out / stage / "config.yaml").read_text())
+        assert config["ppo"]["ptx_coef"] == coef and config["ppo"]["reward_funcs"] == [f"rm:{rm_dir}"]
+        assert stage_rows[-1]["step"] == 2 and math.isfinite(stage_rows[-1]["objective/scores"])
+        assert math.isfinite(stage_rows[-1]["eval/ptx_loss"])
+        assert 0 <= stage_rows[-1]["eval/heldout_plain_text/accuracy"] <= 1
+    assert "loss/ptx" in ptx_rows[-1] and "loss/ptx" not in ppo_rows[-1]
     assert "rm: eval/accuracy; dpo: eval/rewards/accuracies" in report
     rows = jsonl(out / "evaluate" / "metrics.jsonl")
-    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rs", "grpo", "rm"]
-    for row in rows[:5]:
+    assert [r["model"] for r in rows] == ["pretrain", "sft", "dpo", "rs", "grpo", "ppo", "ppo_ptx", "rm"]
+    for row in rows[:7]:
         assert 0.0 <= row["accuracy/heldout"] <= 1.0
         # --fast samples 2 answers per problem: the accuracy is a count over 2 * eval_problems samples.
         samples = 2 * recipe["data"]["eval_problems"]
@@ -182,8 +196,8 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert 0.0 <= row["accuracy/preference_heldout"] <= 1.0 and math.isfinite(row["preference/logp_margin"])
         assert row["num_pairs"] == recipe["data"]["preference_eval_problems"]
     # The reward model's held-out accuracy in evaluate is the one its own final eval measured on the same pairs.
-    assert rows[5]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
-    assert "accuracy/heldout" not in rows[5]
+    assert rows[7]["accuracy/preference_heldout"] == pytest.approx(rm_rows[-1]["eval/accuracy"])
+    assert "accuracy/heldout" not in rows[7]
     # The report's summary table has a row per evaluated model and states SFT vs DPO.
     assert "## Summary" in report and "| rm | - | - | - | - |" in report
     assert f"- held-out preference accuracy: sft {rows[1]['accuracy/preference_heldout']:.3f} -> dpo " in report
@@ -194,5 +208,5 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out
     assert "held-out acc" in printed and "pref acc" in printed and f"report: {out / 'report.md'}" in printed
     assert "held-out task accuracy: sft " in printed
-    for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png", "reward.png", "kl.png"):
+    for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png", "reward.png", "kl.png", "forgetting.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

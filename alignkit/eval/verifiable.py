@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alignkit.generation import SamplingParams, generate
@@ -21,6 +23,53 @@ class VerifiableProblem(Protocol):
     def reference(self) -> str: ...
 
     def prompt_messages(self) -> list[dict[str, str]]: ...
+
+
+@dataclass(frozen=True)
+class CheckedProblem:
+    """A task file's record: the question for the user and the answer a checker compares with."""
+
+    question: str
+    answer: Any
+
+    @property
+    def reference(self) -> str:
+        return str(self.answer)
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}]
+
+
+def load_problems(path: str | Path) -> list[CheckedProblem]:
+    """The records {"question", "answer"} of a task file; a record without them is a DataError naming it."""
+    from alignkit.data import load_records
+    from alignkit.errors import DataError
+
+    if not Path(path).exists():
+        raise DataError(f"task file {path} does not exist.")
+    problems = []
+    for number, record in enumerate(load_records(str(path)), start=1):
+        missing = [key for key in ("question", "answer") if not isinstance(record, dict) or record.get(key) is None]
+        if missing or not isinstance(record["question"], str):
+            raise DataError(f"{path}: record {number} needs a string `question` and an `answer` "
+                            f"({'missing ' + ', '.join(missing) if missing else 'question is not a string'}).")
+        problems.append(CheckedProblem(record["question"], record["answer"]))
+    if not problems:
+        raise DataError(f"task file {path} has no records.")
+    return problems
+
+
+def reward_check(spec: str) -> Callable[[str, str], bool]:
+    """is_correct(completion, reference) from a reward function: correct when it scores at least 1."""
+    from alignkit.rewards.verifiable import load_reward_function
+
+    function = load_reward_function(spec)
+
+    def check(completion: str, reference: str) -> bool:
+        [value] = function([None], [completion], answer=[reference])
+        return value is not None and value >= 1.0
+
+    return check
 
 
 def _default_check(completion: str, reference: str) -> bool:

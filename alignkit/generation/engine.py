@@ -209,8 +209,10 @@ def _decode(
     live = list(range(batch * n))  # output row of each batch row
     positions = prompt_lengths.clone()  # position of the token each row feeds next
     has_padding = min(lengths) < width
+    banned = sorted(stop_ids)
     for step in range(max_new):
-        tokens, step_logprobs, step_raw = sample(logits, params, generator, presence=presence)
+        tokens, step_logprobs, step_raw = sample(logits, params, generator, presence=presence,
+                                                 banned=banned if step < params.min_new_tokens else None)
         keep: list[int] = []
         for j, (row, token, logprob, raw) in enumerate(
             zip(live, tokens.tolist(), step_logprobs.tolist(), step_raw.tolist())

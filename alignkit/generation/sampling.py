@@ -45,6 +45,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     # Strings that end a sequence (needs a tokenizer); the returned text is cut before the stop string.
     stop_strings: list[str] | None = None
+    # At least this many new tokens before a stop token (HF's min_new_tokens): until then the stop tokens' logits
+    # are -inf in the sampling distribution (so logprob_sampling is the constrained one; logprob_raw is not).
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +58,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1] (0 disables it)"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 disables it)"),
             (self.n >= 1, "n", "must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -146,6 +150,7 @@ def sample(
     generator: torch.Generator | None,
     *,
     presence: torch.Tensor | None = None,
+    banned: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row of `logits` [B, V]: `(tokens [B], logprob_sampling [B], logprob_raw [B])`.
 
@@ -153,10 +158,13 @@ def sample(
     the probability 1 with which a deterministic policy picks it. Otherwise tokens are drawn with
     `torch.multinomial` from the processed distribution using `generator` (seeded: reproducible), and
     `logprob_sampling` is their log-prob under that distribution. `logprob_raw` is always the log-softmax of the
-    raw logits at the chosen token.
+    raw logits at the chosen token. `banned` token ids get -inf in the processed logits (stop tokens before
+    min_new_tokens).
     """
     raw_logprobs = logits.float().log_softmax(dim=-1)
     processed = process_logits(logits, params, presence)
+    if banned:
+        processed = processed.index_fill(-1, torch.tensor(banned, device=processed.device), float("-inf"))
     if params.greedy:
         tokens = processed.argmax(dim=-1)
         sampling_logprob = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)

@@ -22,10 +22,11 @@ from alignkit.errors import ConfigError, check_at_least
 from alignkit.tasks.arithmetic import NEAR_MISS_SHARE
 from alignkit.trainers.configs import PretrainConfig, SFTConfig
 from alignkit.trainers.preference_configs import DPOConfig, RMConfig
-from alignkit.trainers.rl_configs import GRPOConfig, RSConfig
+from alignkit.trainers.rl_configs import GRPOConfig, PPOConfig, RSConfig
 
 PACKAGED_RECIPE = "quickstart.yaml"
-STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "evaluate", "report")
+STAGE_NAMES = ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "ppo", "ppo_ptx", "evaluate",
+               "report")
 
 
 @dataclass
@@ -103,6 +104,17 @@ class EvaluateSection:
 
 
 @dataclass
+class PTXStageSection:
+    # The ppo stage again (its section, seed and steps) with the PTX loss on: ppo.ptx_coef set to this.
+    ptx_coef: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.ptx_coef > 0:
+            raise ConfigError(f"ppo_ptx.ptx_coef must be > 0 (the stage compares PPO with PTX against ppo); got "
+                              f"{self.ptx_coef}.")
+
+
+@dataclass
 class QuickstartRecipe:
     """The whole quickstart pipeline: which stages run, and each stage's settings."""
 
@@ -126,6 +138,11 @@ class QuickstartRecipe:
     rs: RSConfig = field(default_factory=RSConfig)
     # GRPO from the SFT model with the task's checker as the reward (an `alignkit train grpo` config).
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # PPO from the SFT model against the rm stage's reward model (an `alignkit train ppo` config; the pipeline fills
+    # the reward, the prompts, the PTX text and the forgetting monitor's task).
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    # The ppo stage again with the PTX loss on.
+    ppo_ptx: PTXStageSection = field(default_factory=PTXStageSection)
     # The held-out evaluation of every listed model.
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     # Overrides `--fast` applies (dotted keys): the whole pipeline in seconds, for tests.
@@ -148,6 +165,10 @@ NEEDS: dict[str, dict[str, str]] = {
     "dpo": {"data": "the preference pairs", "sft": "the SFT model, which is both the starting policy and the reference"},
     "rs": {"data": "the RL prompts", "sft": "the SFT model rejection sampling starts from"},
     "grpo": {"data": "the RL prompts", "sft": "the SFT model GRPO starts from"},
+    "ppo": {"data": "the RL prompts and the pretraining text", "sft": "the SFT model PPO starts from",
+            "rm": "the reward model PPO optimises"},
+    "ppo_ptx": {"data": "the RL prompts and the pretraining text", "sft": "the SFT model PPO starts from",
+                "rm": "the reward model PPO optimises"},
     "evaluate": {"data": "the held-out problems and preference pairs"},
 }
 

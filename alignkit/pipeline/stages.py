@@ -1,7 +1,7 @@
 """The quickstart's stages and the loop that runs them: each stage is a function of a `StageContext` (the run
 directory, the typed recipe, earlier stages' results) that writes into its own folder of the run directory.
 
-    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> rs -> grpo -> evaluate -> report
+    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> rs -> grpo -> ppo -> ppo_ptx -> evaluate -> report
 
 The training stages are ordinary `alignkit train` runs: the recipe's section is the stage's config, and the
 pipeline fills in the paths between stages (tokenizer, data files, model.path), train.seed (the recipe's seed)
@@ -91,6 +91,7 @@ def stage_data(ctx: StageContext) -> StageResult:
         "preferences": out / "preferences.jsonl",
         "preferences_eval": out / "preferences_eval.jsonl",
         "grpo_prompts": out / "grpo_prompts.jsonl",
+        "heldout_plain_text": out / "heldout_plain_text.jsonl",
     }
     texts = arithmetic.as_pretraining_text(pretrain, seed=seed, per_document=data.problems_per_document)
     write_jsonl(paths["pretrain_text"], [{"text": t} for t in texts])
@@ -106,6 +107,8 @@ def stage_data(ctx: StageContext) -> StageResult:
     # RL prompts with a checkable answer: training operand pairs, a seed no other file uses (7).
     grpo = arithmetic.make_problems(data.grpo_problems, seed * 10 + 7, data.difficulty)
     write_jsonl(paths["grpo_prompts"], [{"question": p.question, "answer": p.answer} for p in grpo])
+    # The held-out problems as task records: ppo's forgetting monitor asks them as plain text at each evaluation.
+    write_jsonl(paths["heldout_plain_text"], [{"question": p.question, "answer": p.answer} for p in heldout])
     return StageResult(paths=paths, summary={"documents": len(texts), "sft_records": len(sft), "heldout": len(heldout),
                                              "preference_pairs": len(preference),
                                              "heldout_preference_pairs": len(preference_heldout)})
@@ -126,13 +129,14 @@ def stage_tokenizer(ctx: StageContext) -> StageResult:
                        summary={"vocab_size": tokenizer.vocab_size, "tokens_per_problem": tokens})
 
 
-def _train(ctx: StageContext, cfg: Any) -> StageResult:
-    """Run trainer `ctx.name` on its recipe section, seeded by the recipe and writing into the stage's folder."""
+def _train(ctx: StageContext, cfg: Any, trainer: str | None = None) -> StageResult:
+    """Run trainer `trainer` (default: the stage's name) on its recipe section, seeded by the recipe and writing into
+    the stage's folder."""
     from alignkit.trainers import run
 
     cfg.train.seed = ctx.recipe.seed
     cfg.train.output_dir = str(ctx.stage_dir)
-    result = run(ctx.name, cfg)
+    result = run(trainer or ctx.name, cfg)
     last = result.metrics[-1] if result.metrics else {}
     summary: dict[str, Any] = {"steps": last.get("step"), "loss": last.get("loss")}
     # The last held-out value of each eval metric: eval/loss for every stage, eval/accuracy (rm),
@@ -194,6 +198,21 @@ def stage_grpo(ctx: StageContext) -> StageResult:
     return _train(ctx, cfg)
 
 
+def stage_ppo(ctx: StageContext) -> StageResult:
+    """PPO from the SFT model against the reward model (RLHF: a learned reward, a critic, a KL penalty)."""
+    cfg = copy.deepcopy(ctx.recipe.ppo)
+    cfg.model.path = str(ctx.require("sft", "model_dir"))
+    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
+    cfg.ppo.reward_funcs, cfg.ppo.reward_weights = [f"rm:{ctx.require('rm', 'model_dir')}"], None
+    # The forgetting monitor: LM loss on held-out pretraining text (eval/ptx_loss), and the held-out problems asked
+    # as plain text (eval/heldout_plain_text/accuracy). The text is also the PTX data when ppo.ptx_coef > 0.
+    cfg.ptx.train, cfg.ptx.format = str(ctx.require("data", "pretrain_text")), "text"
+    cfg.eval.tasks = [str(ctx.require("data", "heldout_plain_text"))]
+    if ctx.name == "ppo_ptx":
+        cfg.ppo.ptx_coef = ctx.recipe.ppo_ptx.ptx_coef
+    return _train(ctx, cfg, trainer="ppo")
+
+
 def stage_evaluate(ctx: StageContext) -> StageResult:
     """Held-out task accuracy, preference accuracy and loss of each listed model; reward models' pair accuracy."""
     from alignkit.eval import evaluate_language_model, evaluate_reward_model
@@ -245,6 +264,8 @@ STAGES: dict[str, Callable[[StageContext], StageResult]] = {
     "dpo": stage_dpo,
     "rs": stage_rs,
     "grpo": stage_grpo,
+    "ppo": stage_ppo,
+    "ppo_ptx": stage_ppo,
     "evaluate": stage_evaluate,
     "report": stage_report,
 }

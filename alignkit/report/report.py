@@ -39,6 +39,9 @@ DELTA_KEYS = ("logps/chosen_delta", "logps/rejected_delta", "eval/logps/chosen_d
 # RL stages (grpo per step, rs per round): the mean reward of the sampled answers, and how far the policy moved.
 REWARD_KEYS = ("reward",)
 DRIFT_KEYS = ("kl", "objective/kl", "entropy")
+# The forgetting monitor (ppo's eval section and PTX data): held-out LM loss on the PTX domain, and the accuracy of
+# each capability task (eval/<task>/accuracy), on a second axis.
+FORGETTING_LOSS = "eval/ptx_loss"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -237,7 +240,45 @@ def _plots(run_dir: Path, stages: dict[str, list[dict[str, Any]]], summaries: li
                                  (REWARD_KEYS, "reward.png", "mean reward"),
                                  (DRIFT_KEYS, "kl.png", "KL to the reference, entropy")):
         written += _curves_plot(run_dir, stages, keys, filename, what)
+    written += _forgetting_plot(run_dir, stages)
     return written
+
+
+def _capability_keys(rows: list[dict[str, Any]]) -> list[str]:
+    keys = {key for row in rows for key in row if key.startswith("eval/") and key.endswith("/accuracy")
+            and key.count("/") == 2}
+    return sorted(key for key in keys if _series(rows, key)[1])
+
+
+def _forgetting_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """`forgetting.png`: per stage that logs them, eval/ptx_loss (left axis) and eval/<task>/accuracy (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    monitored = {name: rows for name, rows in stages.items()
+                 if _series(rows, FORGETTING_LOSS)[1] or _capability_keys(rows)}
+    if not monitored:
+        return []
+    fig = Figure(figsize=(5 * len(monitored), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, rows) in enumerate(monitored.items()):
+        ax = fig.add_subplot(1, len(monitored), i + 1)
+        handles = []
+        steps, values = _series(rows, FORGETTING_LOSS)
+        if values:
+            handles += ax.plot(steps, values, "o-", color="tab:red", label=FORGETTING_LOSS, markersize=3)
+            ax.set_ylabel("held-out LM loss")
+        accuracy_ax = ax.twinx()
+        for key in _capability_keys(rows):
+            handles += accuracy_ax.plot(*_series(rows, key), "s--", label=key, markersize=3)
+        accuracy_ax.set_ylim(0, 1.05)
+        accuracy_ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: forgetting monitor")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles, fontsize=8)
+    fig.savefig(run_dir / "forgetting.png", dpi=100)
+    return ["forgetting.png"]
 
 
 def _accuracy_plot(run_dir: Path, summaries: list[StageSummary]) -> list[str]:

@@ -81,6 +81,31 @@ class LoRASection:
 
 
 @dataclass
+class EvalSection:
+    # Capabilities to track at every evaluation (train.eval_every): JSONL files of held-out problems
+    # {"question", "answer"}, each answered greedily and checked, logged as eval/<file name>/accuracy. A run that
+    # should not forget (PPO with or without PTX, say) watches what it may lose here. Empty: off.
+    tasks: list[str] = field(default_factory=list)
+    # How each question is asked: chat (the chat template, as the policy is trained) or text (the bare question,
+    # decoding to the end of its line: the form pretraining text had).
+    prompt_format: Literal["chat", "text"] = "chat"
+    # The reward function that checks an answer (a built-in, module:function or file.py:function; not rm:); an
+    # answer is correct when it scores at least 1.
+    check: str = "accuracy"
+    # Longest answer in tokens.
+    max_new_tokens: int = 32
+    # Questions decoded together.
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.check.startswith("rm:"):
+            raise ConfigError(f"eval.check is {self.check!r}; it checks answers against the records' `answer`, so it "
+                              "must be a checker (accuracy, arithmetic, module:function), not a reward model.")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("eval.max_new_tokens and eval.batch_size must be at least 1.")
+
+
+@dataclass
 class StageConfig:
     """The sections every training stage has; each stage's config adds its own and may change their defaults."""
 

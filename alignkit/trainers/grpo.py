@@ -29,7 +29,6 @@ from alignkit.engine import (
 )
 from alignkit.engine import distributed as dist
 from alignkit.errors import DataError
-from alignkit.generation import SamplingParams
 from alignkit.losses.policy import (
     STD_EPS,
     aggregate,
@@ -202,11 +201,9 @@ def train(cfg: GRPOConfig) -> RunResult:
                           micro_batch_size=prompts_per_step // info.world_size, seed=cfg.train.seed,
                           rank=info.rank, world_size=info.world_size)
     iterations = total_steps(cfg.train, prompts.steps_per_epoch)
-    sampling = SamplingParams(max_new_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+    sampling = cfg.rollout.sampling_params(tokenizer)
     use_rollout_logps = cfg.grpo.old_logprobs == "rollout" or (
-        cfg.grpo.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.top_p == 1.0
-        and cfg.rollout.top_k == 0)
+        cfg.grpo.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.policy_logprobs)
     count_fn = (lambda b: b.num_tokens) if counts_tokens(cfg.grpo.loss_type) else (lambda b: b.num_sequences)
 
     run_dir = prepare_run_dir(cfg, info)

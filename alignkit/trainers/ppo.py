@@ -41,9 +41,8 @@ from alignkit.engine import (
 from alignkit.engine import distributed as dist
 from alignkit.engine.metrics import reduce_metrics
 from alignkit.errors import ConfigError, DataError, UserError
-from alignkit.generation import SamplingParams
 from alignkit.losses.lm import causal_lm_loss
-from alignkit.losses.policy import aggregate, clipped_surrogate
+from alignkit.losses.policy import aggregate, clipped_surrogate, kl_estimate
 from alignkit.losses.ppo import (
     WHITEN_EPS,
     AdaptiveKLController,
@@ -80,7 +79,7 @@ from alignkit.trainers.common import (
 )
 from alignkit.trainers.language import batching, lm_forward, load_examples
 from alignkit.trainers.rl_configs import PPOConfig
-from alignkit.trainers.stage import export, prepare_run_dir, sharded_eval
+from alignkit.trainers.stage import combine_evals, export, prepare_run_dir, sharded_eval, task_eval
 
 Config = PPOConfig
 
@@ -216,11 +215,13 @@ def check_kl(kl_per_token: float, limit: float | None, iteration: int, last_chec
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def make_loss_fns(cfg: PPOConfig, device: torch.device
+def make_loss_fns(cfg: PPOConfig, device: torch.device, kl_coef: Callable[[], float]
                   ) -> tuple[Callable[[Models, Any, int], tuple[torch.Tensor, dict]],
                              Callable[[Models, Any, int], tuple[torch.Tensor, dict]]]:
     """(loss_fn, critic_loss_fn) for engine.step. Per-token losses are summed / the step's completion tokens on
-    every process (`aggregate(..., "dapo")`): the token mean over the minibatch, however it is split."""
+    every process (`aggregate(..., "dapo")`): the token mean over the minibatch, however it is split. With
+    ppo.kl_penalty loss, kl_coef() (the controller's value for this rollout) times the live policy's KL estimate
+    to the reference joins the per-token loss."""
     p, temperature = cfg.ppo, cfg.rollout.temperature
 
     def value_terms(models: Models, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -256,6 +257,12 @@ def make_loss_fns(cfg: PPOConfig, device: torch.device
         per_token = policy_tok + p.vf_coef * value_tok
         if p.entropy_coef > 0:
             per_token = per_token - p.entropy_coef * entropy
+        kl_metrics = {}
+        if p.kl_penalty == "loss":
+            assert batch.ref_logps is not None
+            token_kl = kl_estimate(logps, batch.ref_logps, p.kl_estimator)
+            per_token = per_token + kl_coef() * token_kl
+            kl_metrics["loss/kl_avg"] = float((token_kl.detach() * batch.mask).sum()) / max(1, batch.num_tokens)
         loss = aggregate(per_token, batch.mask, "dapo", count=count)
         with torch.no_grad():
             mask, tokens = batch.mask, max(1, batch.num_tokens)
@@ -268,7 +275,7 @@ def make_loss_fns(cfg: PPOConfig, device: torch.device
                 "policy/approxkl_avg": float((0.5 * log_ratio.pow(2) * mask).sum()) / tokens,
                 "policy/entropy_avg": float((entropy.detach() * mask).sum()) / tokens,
                 "val/ratio": float((ratio.detach() * mask).sum()) / tokens,
-            }
+            } | kl_metrics
         return loss, metrics
 
     return loss_fn, critic_loss_fn
@@ -335,7 +342,7 @@ def train(cfg: PPOConfig) -> RunResult:
     iterations = total_steps(cfg.train, prompts.steps_per_epoch)
 
     # PTX data: one micro-batch per PPO minibatch (ptx_coef > 0), and held-out records for eval/ptx_loss.
-    ptx_batches, eval_fn = None, None
+    ptx_batches, ptx_eval_fn = None, None
     micro = cfg.train.micro_batch_size
     if cfg.ptx.train:
         try:
@@ -354,13 +361,11 @@ def train(cfg: PPOConfig) -> RunResult:
                 nll_sum, _ = causal_lm_loss(logits, labels, num_tokens=1)
                 return {"ptx_loss": float(nll_sum)}, labels.numel()
 
-            eval_fn = sharded_eval(eval_items, ptx_collate, micro, info, ptx_eval_batch)
+            ptx_eval_fn = sharded_eval(eval_items, ptx_collate, micro, info, ptx_eval_batch)
 
-    sampling = SamplingParams(max_new_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+    sampling = cfg.rollout.sampling_params(tokenizer)
     use_rollout_logps = p.old_logprobs == "rollout" or (
-        p.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.top_p == 1.0
-        and cfg.rollout.top_k == 0)
+        p.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.policy_logprobs)
     steps_per_iteration = p.num_ppo_epochs * p.num_mini_batches
     critic_optim = dataclasses.replace(cfg.optim, lr=p.critic_lr) if p.critic_lr is not None else cfg.optim
 
@@ -374,9 +379,11 @@ def train(cfg: PPOConfig) -> RunResult:
          "critic": Trainable(critic, critic_optim, total_steps=iterations * steps_per_iteration)},
         cfg.train, run_dir=run_dir, total_steps=iterations, frozen=frozen, dist_info=info,
         count_fn=lambda item: item.num_tokens if isinstance(item, EpisodeBatch) else 0, count_unit="tokens")
-    loss_fn, critic_loss_fn = make_loss_fns(cfg, info.device)
+    # The forgetting monitor at each evaluation: eval/ptx_loss and the eval section's capabilities.
+    eval_fn = combine_evals(ptx_eval_fn, task_eval(cfg.eval, tokenizer, info, partial(engine.generation_model, "policy")))
     controller = (AdaptiveKLController(p.kl_coef, p.target_kl, p.horizon) if p.adaptive_kl
                   else FixedKLController(p.kl_coef))
+    loss_fn, critic_loss_fn = make_loss_fns(cfg, info.device, lambda: controller.value)
     moments = RunningMoments()
     stateful: dict[str, Any] = {"prompts": prompts, "kl_controller": controller, "reward_moments": moments}
     if ptx_batches is not None:
@@ -417,7 +424,8 @@ def train(cfg: PPOConfig) -> RunResult:
         stopped = torch.tensor([c.finish_reason == "stop" for c in rollout.completions])
         scores = shape_scores(raw_scores, stopped, cfg, moments)
         kl_coef = controller.value
-        rewards, kl = per_token_rewards(scores, whole.old_logps, whole.ref_logps, mask, kl_coef=kl_coef,
+        rewards, kl = per_token_rewards(scores, whole.old_logps, whole.ref_logps, mask,
+                                        kl_coef=kl_coef if p.kl_penalty == "reward" else 0.0,
                                         kl_estimator=p.kl_estimator)
         sequence_kl = kl.sum(-1)  # [N]
         lengths = mask.sum(-1)

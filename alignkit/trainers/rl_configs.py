@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from alignkit.errors import ConfigError, check_at_least
+from alignkit.generation.sampling import SamplingParams
 from alignkit.rewards.verifiable import check_reward_specs
-from alignkit.trainers.configs import ChatStageConfig, DataSection, OptimSection
+from alignkit.trainers.configs import ChatStageConfig, DataSection, EvalSection, OptimSection
 
 
 @dataclass
@@ -29,6 +30,15 @@ class RolloutSection:
     top_k: int = 0
     # A system message put before every question (null: none; "r1" for DeepSeek-R1-Zero's think/answer prompt).
     system_prompt: str | None = None
+    # Where a completion ends (TRL's stop_token): null, the tokenizer's stop tokens (end of turn and EOS); "eos",
+    # the EOS token only; or any text that is one token ("\n", say): the completion ends at its first occurrence,
+    # the token kept. A completion that never reaches it is cut at max_completion_length ("truncated", what
+    # ppo.missing_eos_penalty penalises).
+    stop_token: str | None = None
+    # At least this many tokens before a completion's stop token: the stop tokens are masked out of the sampling
+    # distribution until then (against degenerate empty answers). Like top_p, it makes the rollout's own log-probs differ from
+    # the policy's, so the old policy's log-probs are recomputed.
+    min_completion_length: int = 0
 
     def __post_init__(self) -> None:
         check_at_least("rollout", self, 1, ("num_generations", "max_prompt_length", "max_completion_length"))
@@ -36,6 +46,33 @@ class RolloutSection:
             raise ConfigError(f"rollout.temperature must be > 0 for sampling; got {self.temperature}.")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError(f"rollout.top_p must be in (0, 1] and top_k >= 0; got {self.top_p}, {self.top_k}.")
+        if not 0 <= self.min_completion_length <= self.max_completion_length:
+            raise ConfigError(f"rollout.min_completion_length must be in [0, max_completion_length "
+                              f"{self.max_completion_length}]; got {self.min_completion_length}.")
+        if self.stop_token == "":
+            raise ConfigError("rollout.stop_token is empty; give a one-token text, \"eos\", or null.")
+
+    @property
+    def policy_logprobs(self) -> bool:
+        """Whether the rollout's sampling log-probs are the policy's own (no filter, no masked stop tokens)."""
+        return self.top_p == 1.0 and self.top_k == 0 and self.min_completion_length == 0
+
+    def sampling_params(self, tokenizer: Any, **extra: Any) -> SamplingParams:
+        """The generation settings of this section, with the stop token resolved on `tokenizer`."""
+        stop_ids = None
+        if self.stop_token == "eos":
+            if tokenizer.eos_token_id is None:
+                raise ConfigError("rollout.stop_token is \"eos\", but the tokenizer has no EOS token; name a token.")
+            stop_ids = [tokenizer.eos_token_id]
+        elif self.stop_token is not None:
+            ids = tokenizer.encode(self.stop_token)
+            if len(ids) != 1:
+                raise ConfigError(f"rollout.stop_token {self.stop_token!r} is {len(ids)} tokens for this tokenizer "
+                                  f"({ids}); it must be exactly one token (or \"eos\", or null).")
+            stop_ids = ids
+        return SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, stop_token_ids=stop_ids,
+                              min_new_tokens=self.min_completion_length, **extra)
 
 
 @dataclass
@@ -72,7 +109,8 @@ class GRPOSection:
     # DAPO's soft overlong punishment over the last this many tokens of max_completion_length (null: off).
     overlong_cache: int | None = None
     # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a training forward
-    # before the first update), auto (rollout when fp32 and no top-k / top-p filter, else recompute).
+    # before the first update), auto (rollout when fp32 and rollout.policy_logprobs: no top-k / top-p filter
+    # and no min_completion_length; else recompute).
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
@@ -188,6 +226,10 @@ class PPOSection:
     kl_coef: float = 0.05
     # KL estimator in the per-token reward: k1 (log pi - log ref, TRL's default), k2 or k3.
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Where the KL penalty goes: reward (-kl_coef * KL_t in every token's reward, through GAE: TRL, InstructGPT) or
+    # loss (kl_coef * KL_t of the live policy added to the per-token loss with its gradient, the reward being the
+    # score alone: GRPO's way, usually with kl_estimator k3).
+    kl_penalty: Literal["reward", "loss"] = "reward"
     # Steer kl_coef toward target_kl (Ziegler et al.'s adaptive controller) instead of keeping it fixed.
     adaptive_kl: bool = False
     # The adaptive controller's target: the rollout's mean KL per completion (summed over its tokens), in nats.
@@ -237,7 +279,8 @@ class PPOSection:
     # have, and costs the forward and backward of one more micro-batch per optimizer step (docs/concepts/ppo.md).
     ptx_coef: float = 0.0
     # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a no-grad forward
-    # after the rollout), auto (rollout when fp32 and no top-k / top-p filter, else recompute).
+    # after the rollout), auto (rollout when fp32 and rollout.policy_logprobs: no top-k / top-p filter
+    # and no min_completion_length; else recompute).
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
     # Stop the run when the rollout's KL to the reference exceeds this many nats per completion token (the policy
     # has left the reference: a diverged run), naming the last good checkpoint; null: only a NaN KL stops it.
@@ -306,6 +349,8 @@ class PPOConfig(ChatStageConfig):
     ppo: PPOSection = field(default_factory=PPOSection)
     # The PTX data (ptx.train), its format and length, and a held-out share for eval/ptx_loss.
     ptx: DataSection = field(default_factory=_ptx_data)
+    # Capabilities checked at every evaluation next to eval/ptx_loss: the forgetting monitor.
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -26,7 +26,6 @@ from alignkit.checkpoint import resolve_model_path
 from alignkit.engine import distributed as dist
 from alignkit.engine.logging import MetricsLogger
 from alignkit.errors import ConfigError
-from alignkit.generation import SamplingParams
 from alignkit.rewards.verifiable import load_rewards
 from alignkit.rollout.best_of import sample_and_select, sample_records, sample_summary, sft_records
 from alignkit.rollout.cli import jsonl, write_atomic
@@ -58,8 +57,7 @@ def sample_round(cfg: RSConfig, model_path: str, tokenizer: Tokenizer, items: li
     model, tokenizer = build_model(model_cfg, tokenizer, device=info.device)
     per_rank = math.ceil(len(items) / info.world_size)
     first = info.rank * per_rank
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed + info.rank)
+    params = cfg.rollout.sampling_params(tokenizer, seed=seed + info.rank)
     mine = sample_and_select(model, tokenizer, items[first : first + per_rank], params,
                              n=cfg.rollout.num_generations, functions=functions, weights=weights, keep=cfg.rs.keep,
                              k=cfg.rs.k, threshold=cfg.rs.threshold, batch_size=cfg.rs.sample_batch_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from alignkit.engine.metrics import MetricAccumulator, total
 from alignkit.errors import ConfigError, DataError
 from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.common import RunResult, add_lora, total_steps
-from alignkit.trainers.configs import DataSection, LoRASection
+from alignkit.trainers.configs import DataSection, EvalSection, LoRASection
 
 Item = TypeVar("Item")
 COUNT = "__count__"
@@ -72,6 +73,46 @@ def sharded_eval(items: list[Any], collate: Callable[[list[Any]], Any], batch_si
         if finish is not None:
             values = finish(values)
         return {f"eval/{key}": value for key, value in values.items()}
+
+    return evaluate
+
+
+def combine_evals(*fns: Callable[[Models], dict[str, float]] | None) -> Callable[[Models], dict[str, float]] | None:
+    """One evaluation running each given one in turn (None when none is given)."""
+    present = [fn for fn in fns if fn is not None]
+    if not present:
+        return None
+
+    def evaluate(models: Models) -> dict[str, float]:
+        return {key: value for fn in present for key, value in fn(models).items()}
+
+    return evaluate
+
+
+def task_eval(section: EvalSection, tokenizer: Tokenizer, info: DistInfo,
+              generation_model: Callable[[], ContextManager[nn.Module]]) -> Callable[[Models], dict[str, float]] | None:
+    """The eval section's capability check (None when it lists no task): each rank answers its share of every
+    task's questions greedily with the model `generation_model()` yields, and eval/<task>/accuracy is the share of
+    correct answers over all ranks."""
+    from alignkit.eval.verifiable import load_problems, reward_check, verifiable_accuracy
+
+    if not section.tasks:
+        return None
+    check = reward_check(section.check)
+    tasks = {Path(path).name.removesuffix(".jsonl").removesuffix(".json"): load_problems(path)
+             for path in section.tasks}
+
+    def evaluate(models: Models) -> dict[str, float]:
+        out = {}
+        with generation_model() as model:
+            for name, problems in tasks.items():
+                mine = problems[info.rank :: info.world_size]
+                result = verifiable_accuracy(model, tokenizer, mine, max_new_tokens=section.max_new_tokens,
+                                             batch_size=section.batch_size, is_correct=check,
+                                             prompt_format=section.prompt_format) if mine else {"num_correct": 0}
+                correct = dist.all_reduce_sum(torch.tensor([float(result["num_correct"]), float(len(mine))]))
+                out[f"eval/{name}/accuracy"] = float(correct[0] / correct[1].clamp(min=1))
+        return out
 
     return evaluate
 

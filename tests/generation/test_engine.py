@@ -123,6 +123,31 @@ def test_logprobs_equal_full_forward_and_processed_distribution() -> None:
         assert all(lp > raw_lp for lp, raw_lp in zip(completion.logprobs, completion.raw_logprobs))
 
 
+def test_min_new_tokens_masks_the_stop_tokens_until_then() -> None:
+    """Half the first 128 ids stop a sequence: without min_new_tokens most end within 4 tokens; with 5 (HF's rule),
+    the first 5 tokens are never stop tokens, and their sampling log-probs are those of the distribution without
+    the stop tokens (the raw ones stay the model's)."""
+    model = make(tiny_config())
+    prompts = prompts_of(PROMPT_LENGTHS)
+    stops = list(range(0, 128, 2))
+    free = generate(model, prompts, SamplingParams(max_new_tokens=8, n=4, seed=5, stop_token_ids=stops))
+    assert sum(len(c.token_ids) < 5 for c in free) > len(free) // 2
+    held = generate(model, prompts, SamplingParams(max_new_tokens=8, n=4, seed=5, stop_token_ids=stops,
+                                                   min_new_tokens=5))
+    for completion in held:
+        assert len(completion.token_ids) >= 6 and not set(completion.token_ids[:5]) & set(stops)
+        logits = full_forward_logits(model, prompts[completion.prompt_index], completion)
+        masked = logits.clone()
+        masked[:5, stops] = float("-inf")
+        tokens = torch.tensor(completion.token_ids)
+        expected = masked.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
+        raw = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(completion.raw_logprobs), raw, atol=1e-5)
+    with pytest.raises(UserError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=4, min_new_tokens=5)
+
+
 def test_greedy_logprobs_are_zero_and_raw_logprobs_exact() -> None:
     model = make(tiny_config())
     prompts = prompts_of((4, 7))

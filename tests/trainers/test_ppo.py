@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import alignkit
 from alignkit.checkpoint import save_hf_model
 from alignkit.config import config_from_dict
 from alignkit.errors import ConfigError, DataError
@@ -46,6 +47,11 @@ def lowercase(prompts, completions, **fields):
 
 def nan(prompts, completions, **fields):
     return [float("nan")] * len(completions)
+
+
+def has_lowercase(prompts, completions, answer, **fields):
+    """A toy checker for the eval section: an answer is right when it holds a lowercase letter."""
+    return [float(any(ch.islower() for ch in c)) for c in completions]
 '''
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             max_position_embeddings=128)
@@ -194,6 +200,26 @@ def test_ptx_lowers_the_lm_loss_on_its_data(tmp_path: Path) -> None:
     assert with_ptx[-1]["loss/ptx"] < with_ptx[0]["loss/ptx"]
 
 
+def test_the_eval_section_checks_each_task_at_every_evaluation(tmp_path: Path) -> None:
+    """eval/<task>/accuracy at step 0 and at the end equals verifiable_accuracy on the exported final model."""
+    from alignkit.eval.verifiable import load_problems, reward_check, verifiable_accuracy
+
+    task = tmp_path / "capability.jsonl"
+    task.write_text("".join(json.dumps({"question": f"Count to {i}", "answer": i}) + "\n" for i in range(24)))
+    cfg = ppo_cfg(tmp_path, **{"train.max_steps": 2, "train.eval_every": 2, "train.eval_on_start": True})
+    checker = f"{tmp_path / 'toy_rewards.py'}:has_lowercase"
+    cfg.eval = dataclasses.replace(cfg.eval, tasks=[str(task)], prompt_format="text", check=checker,
+                                   max_new_tokens=6, batch_size=10)
+    result = run("ppo", cfg)
+    evaluated = [r for r in result.metrics if "eval/capability/accuracy" in r]
+    assert [r["step"] for r in evaluated] == [0, 2]
+    model, tokenizer = alignkit.load(str(result.final_model_dir))
+    expected = verifiable_accuracy(model, tokenizer, load_problems(task), max_new_tokens=6, batch_size=10,
+                                   is_correct=reward_check(checker), prompt_format="text")
+    assert evaluated[-1]["eval/capability/accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert 0.0 < expected["accuracy"] < 1.0  # the check is not trivially all right or all wrong here
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path: Path) -> None:
     """The KL controller, the running reward moments, the PTX stream and every RNG come back."""
     ptx = tmp_path / "ptx.txt"
@@ -280,6 +306,17 @@ def test_the_objective_switches_run_and_the_entropy_bonus_has_a_gradient(tmp_pat
                                         "ppo.old_logprobs": "recompute"}}.items():
         row = first_row(name, **overrides)
         assert math.isfinite(row["loss"]) and row["grad_norm/policy"] > 0, name
+    # KL in the loss: the rewards are the scores alone, so the same run with kl_coef 0 differs only by the KL term
+    # (zero at the first minibatch, where the policy is the reference; k3 is never negative).
+    in_loss = {"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3"}
+    kl_loss, no_kl = first_row("kl_loss", **in_loss, **{"ppo.kl_coef": 1.0}), first_row("no_kl", **in_loss,
+                                                                                         **{"ppo.kl_coef": 0.0})
+    assert kl_loss["objective/scores"] == no_kl["objective/scores"] and kl_loss["loss/kl_avg"] > 0
+    assert kl_loss["grad_norm/policy"] != no_kl["grad_norm/policy"]
+    # A one-token stop text and a minimum length: every completion has 4 tokens before its stop token, or runs to
+    # max_completion_length 8.
+    stopped = first_row("stop", **{"rollout.stop_token": "e", "rollout.min_completion_length": 4})
+    assert stopped["completions/min_length"] >= 5
     # The penalty lands on the completions that did not stop (a random policy stops 3 of 16 within 8 tokens).
     eos = first_row("eos", **{"ppo.missing_eos_penalty": 1.0})
     assert 0 < eos["completions/clipped_ratio"] < 1
@@ -310,6 +347,18 @@ def test_bad_input_is_refused_clearly(tmp_path: Path, tiny_model: Path) -> None:
         run("ppo", ppo_cfg(tmp_path, **{"model.path": str(tiny_model), "ppo.reward_funcs": [f"rm:{rm}"]}))
     with pytest.raises(RewardError, match=r"'nan' returned nan for completion 0 of prompt 0"):
         run("ppo", ppo_cfg(tmp_path, **{"ppo.reward_funcs": [f"{tmp_path / 'toy_rewards.py'}:nan"]}))
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"question": "2 + 2?", "answer": 4}) + "\n" + json.dumps({"question": "3 + 3?"}) + "\n")
+    with pytest.raises(DataError, match=r"task.jsonl: record 2 needs a string `question` and an `answer` \(missing answer\)"):
+        cfg = ppo_cfg(tmp_path)
+        cfg.eval = dataclasses.replace(cfg.eval, tasks=[str(task)])
+        run("ppo", cfg)
+    with pytest.raises(ConfigError, match=r"rollout.stop_token 'ab' is 2 tokens for this tokenizer"):
+        run("ppo", ppo_cfg(tmp_path, **{"rollout.stop_token": "ab"}))
+    with pytest.raises(ConfigError, match=r"rollout.min_completion_length must be in \[0, max_completion_length 8\]"):
+        ppo_cfg(tmp_path, **{"rollout.min_completion_length": 9})
+    with pytest.raises(ConfigError, match="eval.check is 'rm:x'"):
+        ppo_cfg(tmp_path, **{"eval.check": "rm:x"})
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
