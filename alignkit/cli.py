@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "alignkit.tokenizer.cli",
     "score": "alignkit.rewards.cli",
     "eval": "alignkit.eval.cli",
+    "winrate": "alignkit.eval.cli",
 }
 
 

@@ -1,4 +1,5 @@
-"""`alignkit eval --model M --tasks T1,T2 --shots 0,1,5`: few-shot log-likelihood evaluation (docs/evaluation.md)."""
+"""`alignkit eval --model M --tasks T1,T2 --shots 0,1,5`: few-shot log-likelihood evaluation; `alignkit winrate --model A
+--baseline B --judge RM --prompts FILE`: A's win rate over B judged by a reward model (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,68 @@ def _model_name(model: str) -> str:
     path = Path(model.rstrip("/"))
     name = path.stem if path.suffix.lower() == ".gguf" else path.name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "model"
+
+
+# ---------------------------------------------------------------------------------------------- alignkit winrate
+
+
+def add_winrate_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "winrate",
+        help="win rate of one model's answers over another's, judged by a reward model, with length statistics",
+        description="Both models answer the same prompts through their chat templates; the judge reward model "
+        "scores each answer with its own tokenizer and template; the model wins a prompt when its score is higher "
+        "(a tie counts half). Prints the win rate with its standard error, each side's mean score and answer "
+        "length, and the win rate where the model's answer is longer vs shorter (reward hacking by length); "
+        "results.json, samples.jsonl (per prompt) and results.md go to --output.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="the model judged (an HF directory, a .gguf file, an alignkit run, or "
+                        "smollm2-135m-instruct)")
+    parser.add_argument("--baseline", required=True, help="the model it is compared with (same forms)")
+    parser.add_argument("--judge", required=True, help="a reward model: an `alignkit train rm` run or its final/")
+    parser.add_argument("--prompts", required=True,
+                        help="prompt records (a file or folder): {prompt}, {question}, {messages} (a final "
+                        "assistant turn is dropped), or preference records, whose shared prompt is used")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="preference (or prompt) records the judge was trained on; prompts whose normalised "
+                        "text appears there are dropped and counted (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="judge only the first N prompts left after --exclude")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per answer at most (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
+    parser.add_argument("--max-prompt-length", type=int, default=512,
+                        help="prompts longer than this many tokens under either model's template are dropped and "
+                        "counted (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    parser.add_argument("--output", default=None,
+                        help="output folder (default: runs/winrate/<model>_vs_<baseline>)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the models and the judge (default float32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.set_defaults(func=run_winrate)
+
+
+def run_winrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from alignkit.eval.winrate import markdown_summary, model_name, run_win_rate, write_outputs
+    from alignkit.generation import SamplingParams
+
+    if args.batch_size < 1 or args.max_prompt_length < 1:
+        raise ConfigError("--batch-size and --max-prompt-length must be at least 1.")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed if args.temperature > 0 else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    summary, samples, meta = run_win_rate(
+        args.model, args.baseline, args.judge, args.prompts, exclude=args.exclude, limit=args.limit, params=params,
+        max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
+        device=device)
+    meta |= {"dtype": args.dtype, "device": device, "elapsed_s": round(time.perf_counter() - start, 2)}
+    out = (Path(args.output) if args.output
+           else Path("runs") / "winrate" / f"{model_name(args.model)}_vs_{model_name(args.baseline)}")
+    written = write_outputs(out, summary, samples, meta)
+    print(markdown_summary(summary, meta), end="")
+    logger.info(f"wrote {', '.join(written)} to {out}")
+    return 0
