@@ -259,6 +259,8 @@ def _forgetting_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]]) -> 
                  if _series(rows, FORGETTING_LOSS)[1] or _capability_keys(rows)}
     if not monitored:
         return []
+    # One loss scale for every panel, from 0: stages with and without PTX compare at a glance.
+    top = max((v for rows in monitored.values() for v in _series(rows, FORGETTING_LOSS)[1]), default=1.0)
     fig = Figure(figsize=(5 * len(monitored), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     for i, (name, rows) in enumerate(monitored.items()):
@@ -268,6 +270,7 @@ def _forgetting_plot(run_dir: Path, stages: dict[str, list[dict[str, Any]]]) -> 
         if values:
             handles += ax.plot(steps, values, "o-", color="tab:red", label=FORGETTING_LOSS, markersize=3)
             ax.set_ylabel("held-out LM loss")
+            ax.set_ylim(0, top * 1.05)
         accuracy_ax = ax.twinx()
         for key in _capability_keys(rows):
             handles += accuracy_ax.plot(*_series(rows, key), "s--", label=key, markersize=3)

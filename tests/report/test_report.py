@@ -146,3 +146,24 @@ def test_preference_stages_summary_and_grouped_bars(tmp_path: Path) -> None:
     # Grouped bars, two per model: 0.6 + 3 models * (0.5 + 0.6 * 2 series) = 5.7 inches at 100 dpi.
     height, width, _ = matplotlib.image.imread(run / "accuracy.png").shape
     assert (width, height) == (570, 360)
+
+
+def test_forgetting_plot_draws_each_monitored_stage(tmp_path: Path) -> None:
+    """eval/ptx_loss and every eval/<task>/accuracy of a stage go into forgetting.png, one panel per stage; a run
+    without them gets no such plot."""
+    run = tmp_path / "run"
+    for name, loss in (("ppo", 4.0), ("ppo_ptx", 1.0)):
+        _write(run / name, [
+            {"step": 0, "eval/ptx_loss": 4.1, "eval/plain/accuracy": 0.2},
+            {"step": 2, "loss": 0.1, "reward": 1.0},
+            {"step": 4, "loss": 0.05, "reward": 2.0, "eval/ptx_loss": loss, "eval/plain/accuracy": 0.3},
+        ])
+    text = build_report(run, stages=["ppo", "ppo_ptx"]).read_text()
+    data = (run / "forgetting.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and "](forgetting.png)" in text
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(run / "forgetting.png").shape
+    assert width > 1.8 * height  # two panels side by side
+    build_report(_fake_run(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "run" / "forgetting.png").exists()
