@@ -23,7 +23,7 @@ Settings, TRL 1.12 PPOConfig -> alignkit PPOConfig (B = --batch-size, m = --micr
     total_episodes steps * B (num_total_batches = steps)             -> train.max_steps steps
     num_ppo_epochs, num_mini_batches                                 -> ppo.num_ppo_epochs, ppo.num_mini_batches
     response_length                                                  -> rollout.max_completion_length
-    stop_token "eos"                                                 -> (alignkit always stops at EOS)
+    stop_token "eos"                                                 -> rollout.stop_token eos
     temperature (top_k 0 and top_p 1 are fixed in TRL's loop)       -> rollout.temperature, top_k 0, top_p 1
     kl_coef 0.05, kl_estimator k1                                    -> ppo.kl_coef, ppo.kl_estimator
     cliprange 0.2, cliprange_value 0.2, vf_coef 0.1                  -> ppo.cliprange, cliprange_value, vf_coef
@@ -229,7 +229,8 @@ def alignkit_base(args: argparse.Namespace) -> dict[str, Any]:
 
 def rollout_settings(args: argparse.Namespace, generations: int) -> dict[str, Any]:
     return {"num_generations": generations, "max_prompt_length": args.max_length,
-            "max_completion_length": args.max_new_tokens, "temperature": args.temperature, "top_p": 1.0, "top_k": 0}
+            "max_completion_length": args.max_new_tokens, "temperature": args.temperature, "top_p": 1.0, "top_k": 0,
+            "stop_token": "eos"}
 
 
 def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:

@@ -319,6 +319,7 @@ def train(cfg: PPOConfig) -> RunResult:
     policy, tokenizer = build_model(cfg.model, tokenizer, device=info.device)
     set_chat_template(tokenizer, cfg.chat_template)
     critic, critic_source = build_critic(cfg, policy, tokenizer, info.device)
+    critic_base = cfg.ppo.reward_model_path() if critic_source.startswith("reward_model") else cfg.model.path
     if cfg.lora.enabled and cfg.train.strategy == "fsdp2" and critic_source == "policy":
         raise ConfigError("PPO with LoRA shares the policy's frozen base with the critic, which FSDP2 cannot shard "
                           "twice; use train.strategy ddp, or ppo.critic_init reward_model.")
@@ -495,5 +496,8 @@ def train(cfg: PPOConfig) -> RunResult:
         engine.log(row)
         engine.save_if_due()
     metrics = engine.finish()
+    # The critic too (a value model: HF LlamaForSequenceClassification), for a later run's critic or inspection.
+    export(critic, tokenizer, run_dir, lora=cfg.lora, base_model=critic_base, info=info, folder="critic",
+           adapter_folder="critic_adapter")
     final = export(policy, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)

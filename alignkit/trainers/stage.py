@@ -250,19 +250,25 @@ def train_stage(
 
 
 def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRASection, base_model: str | None,
-           info: DistInfo) -> Path:
-    """Full model -> final/ (HF format with the tokenizer). LoRA -> adapter/ (peft format) and the merged final/.
+           info: DistInfo, folder: str = "final", adapter_folder: str = "adapter") -> Path:
+    """Full model -> run_dir/folder (HF format with the tokenizer). LoRA -> adapter_folder (peft format) and the
+    merged model in folder; the merge happens on a copy, so the live model (whose frozen base another model may
+    share) is left as it was.
 
     Collective: under FSDP2 the shards are gathered into one full copy on rank 0 first."""
+    import copy
+
     from alignkit.checkpoint import save_hf_model
 
-    final = run_dir / "final"
+    final = run_dir / folder
     whole = unsharded_copy(model, lora, info)
     if whole is not None:
         if lora.enabled:
             from alignkit.model.lora import merge_lora, save_adapter
 
-            save_adapter(whole, run_dir / "adapter", base_model_name_or_path=str(base_model or ""))
+            save_adapter(whole, run_dir / adapter_folder, base_model_name_or_path=str(base_model or ""))
+            if whole is model:
+                whole = copy.deepcopy(model)
             merge_lora(whole)
         save_hf_model(whole, final, tokenizer=tokenizer)  # type: ignore[arg-type]
     dist.barrier()

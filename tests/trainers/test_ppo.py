@@ -288,6 +288,18 @@ def test_lora_shares_one_frozen_base_between_actor_critic_and_reference(tmp_path
     result = run("ppo", cfg)
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert result.metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-3)  # reference = adapters disabled
+    # Both exports merge their own adapter into the shared base, each on a copy: final/ is the base plus the policy's
+    # adapter only, critic/ the base plus the critic's (with its value head).
+    from alignkit.model.lora import load_adapter, merge_lora
+    from alignkit.rewards.scoring import load_reward_model
+
+    for folder, adapter, load in (("final", "adapter", load_pretrained), ("critic", "critic_adapter", load_reward_model)):
+        exported, _ = load(result.run_dir / folder)
+        expected, _ = load(tiny_model) if folder == "final" else (score_model_from_causal_lm(
+            load_pretrained(tiny_model)[0], head_init="zero"), None)
+        merged = merge_lora(load_adapter(expected, result.run_dir / adapter))
+        for name, tensor in exported.state_dict().items():
+            assert torch.equal(tensor, merged.state_dict()[name]), (folder, name)
 
 
 def test_the_objective_switches_run_and_the_entropy_bonus_has_a_gradient(tmp_path: Path) -> None:
