@@ -291,11 +291,12 @@ def markdown_summary(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def write_outputs(out_dir: str | Path, summary: dict[str, Any], samples: Sequence[dict[str, Any]],
                   meta: dict[str, Any]) -> dict[str, Path]:
-    """results.json (meta + summary), samples.jsonl and results.md in `out_dir`; returns what was written."""
+    """results.json (the run's settings and counts, with the summary under "results"), samples.jsonl and results.md in
+    `out_dir`; returns what was written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {name: out / name for name in ("results.json", "samples.jsonl", "results.md")}
-    written["results.json"].write_text(json.dumps({**meta, **summary}, indent=2) + "\n")
+    written["results.json"].write_text(json.dumps({**meta, "results": summary}, indent=2) + "\n")
     with written["samples.jsonl"].open("w") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -73,10 +73,11 @@ def run(argv: list[str]) -> int:
     return main(["winrate", *argv])
 
 
-def read_outputs(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    results = json.loads((out / "results.json").read_text())
+def read_outputs(out: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(the run's settings and counts, the results, the per-prompt samples)."""
+    run = json.loads((out / "results.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    return results, samples
+    return run, run.pop("results"), samples
 
 
 def test_record_prompt_reads_every_form() -> None:
@@ -96,8 +97,9 @@ def test_win_rate_and_statistics_equal_a_recomputation_from_the_samples(
     assert run(["--model", str(models["a"]), "--baseline", str(models["b"]), "--judge", str(models["judge"]),
                 "--prompts", str(prompts), "--max-new-tokens", "12", "--temperature", "1.0", "--seed", "3",
                 "--batch-size", "3", "--output", str(out)]) == 0
-    results, samples = read_outputs(out)
-    assert results["num_prompts"] == len(samples) == 8 and results["excluded"] == 0
+    meta, results, samples = read_outputs(out)
+    assert meta["num_prompts"] == len(samples) == 8 and meta["excluded"] == 0
+    assert (meta["model"], meta["baseline"], meta["judge"]) == (str(models["a"]), str(models["b"]), str(models["judge"]))
     assert [s["index"] for s in samples] == list(range(8))
 
     outcomes = [1.0 if s["model_score"] > s["baseline_score"] else 0.0 if s["model_score"] < s["baseline_score"]
@@ -131,7 +133,7 @@ def test_identical_models_under_greedy_decoding_tie_on_every_prompt(models: dict
     out = tmp_path / "out"
     assert run(["--model", str(models["a"]), "--baseline", str(models["a"]), "--judge", str(models["judge"]),
                 "--prompts", str(prompts), "--max-new-tokens", "10", "--output", str(out)]) == 0
-    results, samples = read_outputs(out)
+    _, results, samples = read_outputs(out)
     assert results["win_rate"] == 0.5 and results["stderr"] == 0.0
     assert (results["wins"], results["ties"], results["losses"]) == (0, 8, 0)
     assert all(s["model_answer"] == s["baseline_answer"] and s["winner"] == "tie" for s in samples)
@@ -157,8 +159,8 @@ def test_prompts_in_the_judge_training_data_are_dropped(models: dict[str, Path],
     assert run(["--model", str(models["a"]), "--baseline", str(models["b"]), "--judge", str(models["judge"]),
                 "--prompts", str(prompts), "--exclude", str(judge_pairs), "--limit", "4", "--max-new-tokens", "4",
                 "--output", str(out)]) == 0
-    results, samples = read_outputs(out)
-    assert results["excluded"] == 3 and results["num_prompts_in_file"] == 8
+    meta, _, samples = read_outputs(out)
+    assert meta["excluded"] == 3 and meta["num_prompts_in_file"] == 8
     assert [s["index"] for s in samples] == [1, 2, 3, 5]  # the first 4 left after dropping 0, 4 and 6
     assert "3 dropped as in the judge's training data" in capsys.readouterr().out
 
