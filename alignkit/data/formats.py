@@ -235,15 +235,26 @@ def verifiable_prompts(
 ) -> list[VerifiablePrompt]:
     """{question, answer} records -> prompts with a reference answer.
 
-    A GSM8K-style answer ("...\\n#### 72") gives "72"; any other answer is used as given (stripped; numbers
-    are converted to strings). `require_answer=False` lets records without one through (answer None: prompts
-    scored by a reward model).
+    A record may give a conversation instead of a question: `messages` ({role, content} turns ending with a user
+    turn; a final assistant turn, a reference reply, is dropped). `system_prompt` goes first unless the record has
+    its own system message. A GSM8K-style answer ("...\\n#### 72") gives "72"; any other answer is used as given
+    (stripped; numbers are converted to strings). `require_answer=False` lets records without one through (answer
+    None: prompts scored by a reward model).
     """
     prompts = []
     for index, record in enumerate(records):
-        question = require_str(record, question_field, index=index, source=source)
         messages: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": question})
+        if question_field not in record and "messages" in record:
+            turns = validate_messages(record["messages"], index=index, source=source)
+            if turns[-1]["role"] == "assistant":
+                turns = turns[:-1]
+            if not turns or turns[-1]["role"] != "user":
+                raise DataError(f"{_where(index, source)}: 'messages' must end with a user turn (optionally followed "
+                                "by one assistant reply, which is dropped) to be a prompt.")
+            messages = turns if turns[0]["role"] == "system" else messages + turns
+        else:
+            question = require_str(record, question_field, index=index, source=source)
+            messages.append({"role": "user", "content": question})
         if answer_field not in record or record[answer_field] is None:
             if not require_answer:
                 prompts.append(VerifiablePrompt(messages=messages, answer=None))

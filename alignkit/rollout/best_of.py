@@ -26,7 +26,7 @@ from torch import nn
 
 from alignkit.generation import SamplingParams
 from alignkit.rewards.verifiable import RewardFn
-from alignkit.rollout.prompts import PromptItem, prompt_fields
+from alignkit.rollout.prompts import PromptItem, prompt_fields, reward_prompts
 from alignkit.rollout.rollout import generate_rollout, score_rollout
 
 KEEP_RULES = ("best", "top-k", "threshold")
@@ -82,7 +82,7 @@ def sample_and_select(model: nn.Module, tokenizer: Any, items: Sequence[PromptIt
     for start in range(0, len(items), batch_size):
         chunk = list(items[start : start + batch_size])
         rollout = generate_rollout(model, tokenizer, [item.prompt_ids for item in chunk], params, group_size=n)
-        totals, values = score_rollout(rollout, functions, weights, [item.question for item in chunk],
+        totals, values = score_rollout(rollout, functions, weights, reward_prompts(chunk),
                                        prompt_fields(chunk))
         for p in range(len(chunk)):
             group = range(p * n, (p + 1) * n)

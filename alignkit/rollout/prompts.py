@@ -16,19 +16,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptItem:
-    """One prompt: its chat messages, their token ids (template + generation prompt), the user's question, and the
-    record's other fields (`answer`, ...), which reach the reward functions."""
+    """One prompt: its chat messages, their token ids (template + generation prompt), the user's (last) question,
+    and the record's other fields (`answer`, ...), which reach the reward functions."""
 
     messages: list[dict[str, str]]
     prompt_ids: list[int]
     question: str
     fields: dict[str, Any]
+    # The record gave a conversation ({messages}) rather than a {question}.
+    conversation: bool = False
+
+    @property
+    def reward_prompt(self) -> str | list[dict[str, str]]:
+        """The prompt the reward functions receive: the question of a {question} record, the whole conversation of
+        a {messages} record (so a reward model scores the reply in its context, not after the last turn alone)."""
+        return [dict(m) for m in self.messages] if self.conversation else self.question
+
+
+def reward_prompts(items: list[PromptItem]) -> list[str | list[dict[str, str]]]:
+    return [item.reward_prompt for item in items]
 
 
 def load_prompts(records: list[dict[str, Any]], tokenizer: Tokenizer, *, source: str, max_prompt_length: int,
                  system_prompt: str | None = None, question_field: str = "question", require_answer: bool = True,
                  log: bool = True) -> list[PromptItem]:
-    """{question, answer} records read from `source` -> items. A record without an answer is a DataError naming the file
+    """{question, answer} (or {messages, answer}) records read from `source` -> items. A record without an answer is a DataError naming the file
     and record (unless `require_answer` is False: prompts for a reward model); prompts longer than `max_prompt_length`
     tokens are dropped and counted in the log. `system_prompt` "r1" is DeepSeek-R1-Zero's think / answer prompt."""
     system = R1_SYSTEM_PROMPT if system_prompt == "r1" else system_prompt
@@ -40,10 +52,11 @@ def load_prompts(records: list[dict[str, Any]], tokenizer: Tokenizer, *, source:
         if len(ids) > max_prompt_length:
             too_long += 1
             continue
-        fields = {key: value for key, value in record.items() if key != question_field}
+        conversation = question_field not in record
+        fields = {key: value for key, value in record.items() if key not in (question_field, "messages")}
         if prompt.answer is not None:
             fields["answer"] = prompt.answer
-        items.append(PromptItem(prompt.messages, ids, prompt.messages[-1]["content"], fields))
+        items.append(PromptItem(prompt.messages, ids, prompt.messages[-1]["content"], fields, conversation))
     if log:
         logger.info(f"data: {len(items)} of {len(records)} prompts from {source} ({too_long} longer than "
                     f"max_prompt_length {max_prompt_length} dropped).")

@@ -49,7 +49,7 @@ from alignkit.rollout import (
     rollout_logprobs,
     score_rollout,
 )
-from alignkit.rollout.prompts import load_prompts, prompt_fields
+from alignkit.rollout.prompts import load_prompts, prompt_fields, reward_prompts
 from alignkit.tokenizer import set_chat_template
 from alignkit.trainers.common import (
     RunResult,
@@ -225,7 +225,7 @@ def train(cfg: GRPOConfig) -> RunResult:
                 [batch] = next(stream)  # this rank's prompts
                 rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling,
                                            group_size=g)
-                rewards, values = score_rollout(rollout, functions, weights, [item.question for item in batch],
+                rewards, values = score_rollout(rollout, functions, weights, reward_prompts(batch),
                                                 prompt_fields(batch))
                 return rollout, rewards.float(), values
 

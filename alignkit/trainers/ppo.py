@@ -66,7 +66,7 @@ from alignkit.rollout import (
     rollout_logprobs,
     score_rollout,
 )
-from alignkit.rollout.prompts import load_prompts, prompt_fields
+from alignkit.rollout.prompts import load_prompts, prompt_fields, reward_prompts
 from alignkit.tokenizer import Tokenizer, set_chat_template
 from alignkit.trainers.common import (
     RunResult,
@@ -405,7 +405,7 @@ def train(cfg: PPOConfig) -> RunResult:
         with engine.generation_model("policy") as live, engine.generation_model("critic") as live_critic:
             [batch] = next(stream)  # this process's prompts
             rollout = generate_rollout(live, tokenizer, [item.prompt_ids for item in batch], sampling, group_size=g)
-            raw_scores, reward_values = score_rollout(rollout, functions, weights, [item.question for item in batch],
+            raw_scores, reward_values = score_rollout(rollout, functions, weights, reward_prompts(batch),
                                                       prompt_fields(batch))
             n = len(rollout.completions)
             [whole] = episode_batches(rollout, n, advantages=torch.zeros(n), pad_id=tokenizer.pad_token_id,

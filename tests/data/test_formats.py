@@ -167,3 +167,32 @@ def test_verifiable_prompts() -> None:
     ]
     with pytest.raises(DataError, match=r"record 0 of g\.jsonl has no 'question' field"):
         verifiable_prompts([{"q": "x", "answer": "1"}], source="g.jsonl")
+
+
+def test_verifiable_prompts_from_conversations() -> None:
+    """A {messages} record is a multi-turn prompt: a final assistant reply is dropped, the system prompt goes first
+    unless the record has its own; it must end with a user turn."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "And 2+2?"}]
+    [with_reply, own_system] = verifiable_prompts(
+        [{"messages": [*turns, {"role": "assistant", "content": "4"}], "answer": 4},
+         {"messages": [{"role": "system", "content": "Be brief."}, *turns]}],
+        system_prompt="Think.", require_answer=False)
+    assert with_reply.messages == [{"role": "system", "content": "Think."}, *turns] and with_reply.answer == "4"
+    assert own_system.messages == [{"role": "system", "content": "Be brief."}, *turns]
+    with pytest.raises(DataError, match=r"record 0 of c\.jsonl: 'messages' must end with a user turn"):
+        verifiable_prompts([{"messages": turns[:2] + turns[1:2]}], source="c.jsonl", require_answer=False)
+    with pytest.raises(DataError, match=r"record 0 of c\.jsonl: messages\[0\].role is 'bot'"):
+        verifiable_prompts([{"messages": [{"role": "bot", "content": "x"}]}], source="c.jsonl", require_answer=False)
+
+
+def test_prompt_items_give_reward_functions_the_conversation() -> None:
+    from alignkit.rollout.prompts import load_prompts, reward_prompts
+    from alignkit.trainers.common import load_tokenizer
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "And 2+2?"}]
+    items = load_prompts([{"question": "1+1?", "answer": 2}, {"messages": turns, "answer": 4, "topic": "math"}],
+                         load_tokenizer("byte"), source="p.jsonl", max_prompt_length=512, log=False)
+    assert reward_prompts(items) == ["1+1?", turns]
+    assert items[1].question == "And 2+2?" and items[1].fields == {"answer": "4", "topic": "math"}
