@@ -18,10 +18,10 @@ of HH-RLHF (6,240 pairs) are split as follows:
    folded). Each half is about 2,970 pairs; the rm recipe's 80 steps of 16 pairs use 1,280, so a half costs RM-1
    nothing at that length. RM-1 keeps `recipes/rm_smollm2_hh.yaml`'s settings on its half
    (`recipes/rm_smollm2_hh_ppo.yaml`); RM-2 is the same recipe on the other half (`recipes/rm_smollm2_hh_judge.yaml`).
-3. **PPO prompts (`ppo_prompts.jsonl`)**: the prompts of the held-out pairs that are one user turn (84 of 256), as
-   `{"question"}` records, the form `alignkit.rollout.prompts.load_prompts` reads; a prompt whose text also occurs
-   in either half would be dropped (none does). The multi-turn held-out prompts are left out because PPO's prompt
-   reader takes one question per record and passes that question, not the conversation, to the `rm:` reward.
+3. **PPO prompts (`ppo_prompts.jsonl`)**: the distinct prompts of the held-out pairs, one-turn and multi-turn, as
+   `{"messages"}` records (the conversation up to the last user turn), which `alignkit.rollout.prompts.load_prompts`
+   reads and whose whole conversation reaches the `rm:` reward; a prompt whose text also occurs in either half
+   would be dropped (none does).
 4. **Win-rate prompts (`winrate_prompts.jsonl`)**: 200 one-turn prompts drawn (seeded) from RM-1's half. PPO never
    trained on them and the judge never saw them; that RM-1 did is harmless, since RM-1 does not judge. The win rate
    on `ppo_prompts.jsonl` itself measures the prompts PPO optimised on.
@@ -128,7 +128,7 @@ def make_splits(data_dir: str | Path, *, winrate_prompts: int = WINRATE_PROMPTS)
     seen: set[str] = set()
     ppo_prompts = []
     for p in held_out:
-        if p.single_turn and p.key not in trained_on and p.key not in seen:
+        if p.key not in trained_on and p.key not in seen:
             ppo_prompts.append(p)
             seen.add(p.key)
     candidates, keys = [], set()
@@ -159,7 +159,7 @@ def write_splits(out_dir: str | Path, data_dir: str | Path, *, winrate_prompts: 
     write_jsonl(out / "heldout_pairs.jsonl", [p.record for p in splits.held_out])
     write_jsonl(out / "rm_ppo_pairs.jsonl", [p.record for p in splits.rm_ppo])
     write_jsonl(out / "rm_judge_pairs.jsonl", [p.record for p in splits.rm_judge])
-    write_jsonl(out / "ppo_prompts.jsonl", [{"question": p.pair.prompt[0]["content"]} for p in splits.ppo_prompts])
+    write_jsonl(out / "ppo_prompts.jsonl", [{"messages": p.pair.prompt} for p in splits.ppo_prompts])
     write_jsonl(out / "winrate_prompts.jsonl",
                 [{"question": p.pair.prompt[0]["content"]} for p in splits.winrate_prompts])
     (out / "split.json").write_text(json.dumps(splits.counts, indent=1) + "\n")

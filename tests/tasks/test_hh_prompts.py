@@ -69,9 +69,9 @@ def test_halves_are_prompt_disjoint_and_prompts_come_from_the_right_pairs(
     _, shared = exclude_prompts(halves["ppo"], [out / "rm_judge_pairs.jsonl"])
     assert shared == 0
 
-    # PPO prompts: one-turn prompts of held-out pairs, in neither half.
+    # PPO prompts: the distinct prompts of held-out pairs, multi-turn ones included, in neither half.
     ppo = read_prompts(out / "ppo_prompts.jsonl")
-    assert len(ppo) == counts["ppo_prompts"] == counts["held_out_single_turn"] > 50
+    assert len(ppo) == counts["ppo_prompts"] > counts["held_out_single_turn"] > 50
     kept, in_held_out = exclude_prompts(ppo, [out / "heldout_pairs.jsonl"])
     assert in_held_out == len(ppo) and not kept
     for half in ("ppo", "judge"):
@@ -89,7 +89,9 @@ def test_ppo_reads_the_prompts_as_written(written: tuple[Path, dict[str, int]]) 
     assert cfg.data.train == "runs/data/hh_ppo/ppo_prompts.jsonl"
     items = load_prompts(read_jsonl(out / "ppo_prompts.jsonl"), load_tokenizer("byte"), source="ppo_prompts",
                          max_prompt_length=10_000, require_answer=False)
-    assert len(items) == counts["ppo_prompts"] and all(len(item.messages) == 1 for item in items)
+    assert len(items) == counts["ppo_prompts"] and all(item.conversation for item in items)
+    assert sum(len(item.messages) == 1 for item in items) == counts["held_out_single_turn"]
+    assert all(item.messages[-1]["role"] == "user" for item in items)
 
 
 def test_a_missing_data_folder_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
