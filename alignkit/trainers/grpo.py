@@ -204,6 +204,11 @@ def train(cfg: GRPOConfig) -> RunResult:
     sampling = cfg.rollout.sampling_params(tokenizer)
     use_rollout_logps = cfg.grpo.old_logprobs == "rollout" or (
         cfg.grpo.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.policy_logprobs)
+    # One optimizer step per rollout is on-policy: the old policy is the policy of that step's own forward, whose
+    # log-probs (detached) serve, with no extra forward (TRL's shortcut). REINFORCE++ needs them before the step.
+    recompute_old_logps = not use_rollout_logps and not (
+        cfg.grpo.old_logprobs == "auto" and cfg.grpo.num_iterations == 1
+        and cfg.grpo.advantage_estimator != "reinforce_pp")
     count_fn = (lambda b: b.num_tokens) if counts_tokens(cfg.grpo.loss_type) else (lambda b: b.num_sequences)
 
     run_dir = prepare_run_dir(cfg, info)
@@ -252,7 +257,7 @@ def train(cfg: GRPOConfig) -> RunResult:
             batches = episode_batches(rollout, cfg.train.micro_batch_size, advantages=advantages, loss_mask=loss_mask,
                                       old_logps=rollout_logprobs(rollout) if use_rollout_logps else None,
                                       pad_id=tokenizer.pad_token_id)
-            if not use_rollout_logps:
+            if recompute_old_logps:
                 attach_logprobs(batches, policy, into="old_logps", temperature=cfg.rollout.temperature,
                                 device=info.device)
             if cfg.grpo.beta > 0:

@@ -110,7 +110,8 @@ class GRPOSection:
     overlong_cache: int | None = None
     # Old policy's log-probs: rollout (the sampling log-probs generate returned), recompute (a training forward
     # before the first update), auto (rollout when fp32 and rollout.policy_logprobs: no top-k / top-p filter
-    # and no min_completion_length; else recompute).
+    # and no min_completion_length; else, with num_iterations 1, the step's own log-probs detached, exactly
+    # on-policy and no extra forward; else recompute).
     old_logprobs: Literal["auto", "rollout", "recompute"] = "auto"
 
     def __post_init__(self) -> None:

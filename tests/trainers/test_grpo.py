@@ -173,3 +173,27 @@ def test_dynamic_sampling_end_to_end_and_resume(tmp_path: Path) -> None:
     for a, b in zip(full, resumed):
         for key in ("loss", "reward", "dynamic_sampling/draws", "grad_norm"):
             assert a[key] == b[key], (a["step"], key)
+
+
+def test_one_step_per_rollout_in_bf16_takes_the_old_logprobs_from_its_own_forward(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """old_logprobs auto in bf16: with num_iterations 1 no forward recomputes the old log-probs (the step is on
+    policy, the ratio exactly 1); with 2, or old_logprobs recompute, one forward per rollout does."""
+    import alignkit.trainers.grpo as grpo
+
+    calls: list[str] = []
+    real = grpo.attach_logprobs
+
+    def counting(batches: Any, model: Any, *, into: str, **kwargs: Any) -> None:
+        calls.append(into)
+        real(batches, model, into=into, **kwargs)
+
+    monkeypatch.setattr(grpo, "attach_logprobs", counting)
+    for name, overrides, expected in (("auto1", {}, 0), ("auto2", {"grpo.num_iterations": 2}, 2),
+                                      ("recompute", {"grpo.old_logprobs": "recompute"}, 2)):
+        calls.clear()
+        rows = run("grpo", grpo_cfg(tmp_path / name, **{"train.max_steps": 2, "train.precision": "bf16",
+                                                        **overrides})).metrics
+        assert calls.count("old_logps") == expected, name
+        if name == "auto1":
+            assert all(r["clip_ratio/region_mean"] == 0 for r in rows)
