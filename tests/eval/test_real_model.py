@@ -51,3 +51,27 @@ def test_packed_scores_and_tokens_on_smollm2(smollm2_gguf: str, shared_data: Pat
                 expected, greedy = plain_loglikelihood(model, context, continuation)
                 assert score.logprob == pytest.approx(expected, abs=1e-4), task_name
                 assert score.is_greedy == greedy
+
+
+@pytest.mark.slow
+def test_fp32_scores_stay_near_float64_on_long_continuations(smollm2_gguf: str, shared_data: Path) -> None:
+    """PIQA's answers run to about 24 tokens, so an error of 1e-5 per token sums past 1e-4. The packed fp32 scorer
+    (the log-softmax of each scored position as logit minus a logsumexp) stays within 1e-4 of a float64 plain
+    forward. docs/evaluation.md: lm-evaluation-harness's fp32 `log_softmax` over the vocabulary did not on this
+    CPU (up to 5.4e-4 from float64), which is why the two sides' fp32 sums differ by more than 1e-4 there."""
+    import torch
+
+    import alignkit
+
+    if "piqa" not in known_tasks(shared_data):
+        pytest.skip(f"icl_eval/piqa.jsonl is not in {shared_data}")
+    model, tok = alignkit.load(smollm2_gguf)
+    exact_model, _ = alignkit.load(smollm2_gguf, dtype=torch.float64)
+    assert tok is not None
+    pool, docs = prepare(load_task("piqa", shared_data), [5], limit=3)
+    requests = [encode_pairs(tok, build_requests(doc, fewshot_prefix(pool, 5))) for doc in docs]
+    assert max(len(continuation) for item in requests for _, continuation in item) >= 20
+    for item, scores in zip(requests, score_requests(model, requests)):
+        for (context, continuation), score in zip(item, scores):
+            exact, _ = plain_loglikelihood(exact_model, context, continuation)
+            assert score.logprob == pytest.approx(exact, abs=1e-4)
