@@ -202,8 +202,7 @@ def train(cfg: GRPOConfig) -> RunResult:
                           rank=info.rank, world_size=info.world_size)
     iterations = total_steps(cfg.train, prompts.steps_per_epoch)
     sampling = cfg.rollout.sampling_params(tokenizer)
-    use_rollout_logps = cfg.grpo.old_logprobs == "rollout" or (
-        cfg.grpo.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.policy_logprobs)
+    use_rollout_logps = cfg.rollout.old_logprobs_from_rollout(cfg.grpo.old_logprobs, cfg.train.precision)
     # One optimizer step per rollout is on-policy: the old policy is the policy of that step's own forward, whose
     # log-probs (detached) serve, with no extra forward (TRL's shortcut). REINFORCE++ needs them before the step.
     recompute_old_logps = not use_rollout_logps and not (

@@ -365,8 +365,7 @@ def train(cfg: PPOConfig) -> RunResult:
             ptx_eval_fn = sharded_eval(eval_items, ptx_collate, micro, info, ptx_eval_batch)
 
     sampling = cfg.rollout.sampling_params(tokenizer)
-    use_rollout_logps = p.old_logprobs == "rollout" or (
-        p.old_logprobs == "auto" and cfg.train.precision == "fp32" and cfg.rollout.policy_logprobs)
+    use_rollout_logps = cfg.rollout.old_logprobs_from_rollout(p.old_logprobs, cfg.train.precision)
     steps_per_iteration = p.num_ppo_epochs * p.num_mini_batches
     critic_optim = dataclasses.replace(cfg.optim, lr=p.critic_lr) if p.critic_lr is not None else cfg.optim
 

@@ -57,6 +57,11 @@ class RolloutSection:
         """Whether the rollout's sampling log-probs are the policy's own (no filter, no masked stop tokens)."""
         return self.top_p == 1.0 and self.top_k == 0 and self.min_completion_length == 0
 
+    def old_logprobs_from_rollout(self, old_logprobs: str, precision: str) -> bool:
+        """Whether a trainer's old_logprobs setting (rollout / recompute / auto) takes the old policy's log-probs
+        from the sampler: always for rollout; for auto, in fp32 when they are the policy's own."""
+        return old_logprobs == "rollout" or (old_logprobs == "auto" and precision == "fp32" and self.policy_logprobs)
+
     def sampling_params(self, tokenizer: Any, **extra: Any) -> SamplingParams:
         """The generation settings of this section, with the stop token resolved on `tokenizer`."""
         stop_ids = None
