@@ -11,6 +11,10 @@ produce exactly --new-tokens tokens per prompt. Each (side, dtype) runs in its o
 columns are that side's alone (on CUDA also `torch.cuda.max_memory_allocated`; timings wait for the GPU).
 "ms / step" is the decode time per token step after the prefill: the timed run minus a separate prefill-only run
 (one new token), divided by new_tokens - 1.
+
+"floor ms" is the memory-bound floor of a decode step, probed in the same process: the time to read every weight
+of the loaded model once in the run's dtype (a float32-accumulated sum over each parameter, best of 5; a decode step
+must at least stream all the weights through the cores). "x floor" is the decode step as a multiple of it.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def time_alignkit(model_path: str, dtype_name: str, prompts: list[list[int]], ne
         synchronize(device)
         return time.perf_counter() - start, [c.token_ids for c in out]
 
-    return measure(run, new_tokens, runs, device)
+    return {**measure(run, new_tokens, runs, device), "floor_ms": weight_read_ms(model, device)}
 
 
 def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
@@ -142,7 +146,24 @@ def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]]
         synchronize(device)
         return time.perf_counter() - start, out[:, width:].tolist()
 
-    return measure(run, new_tokens, runs, device)
+    return {**measure(run, new_tokens, runs, device), "floor_ms": weight_read_ms(model, device)}
+
+
+def weight_read_ms(model: Any, device: str, repeats: int = 5) -> float:
+    """Best time to read every parameter once (a sum per tensor, accumulated in fp32): a decode step's floor."""
+    import torch
+
+    params = [p.detach() for p in model.parameters()]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for p in params:
+                torch.sum(p, dtype=torch.float32)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return 1000 * best
 
 
 def measure(run: Any, new_tokens: int, runs: int, device: str) -> dict[str, Any]:
@@ -250,12 +271,13 @@ def main() -> None:
                 print(f"  done: {side:12s} {dtype:8s} {r['tokens_per_s']:7.1f} tokens/s", file=sys.stderr)
 
     cuda = args.device == "cuda"
-    print("| side | dtype | tokens/s | ms / decode step | prefill ms | peak RSS (MB) |" + (" peak GPU (MB) |" if cuda else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("| side | dtype | tokens/s | ms / decode step | floor ms | x floor | prefill ms | peak RSS (MB) |"
+          + (" peak GPU (MB) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for (side, dtype), r in results.items():
         gpu = f" {r['peak_gpu_mb']:.0f} |" if cuda else ""
-        print(f"| {side} | {dtype} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['prefill_ms']:.0f} "
-              f"| {r['peak_rss_mb']:.0f} |{gpu}")
+        print(f"| {side} | {dtype} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['floor_ms']:.1f} "
+              f"| {r['ms_per_step'] / r['floor_ms']:.2f} | {r['prefill_ms']:.0f} | {r['peak_rss_mb']:.0f} |{gpu}")
     print()
     for dtype in args.dtypes.split(","):
         ours, theirs = results.get(("alignkit", dtype)), results.get(("transformers", dtype))
