@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "score": "alignkit.rewards.cli",
     "eval": "alignkit.eval.cli",
     "winrate": "alignkit.eval.cli",
+    "serve": "alignkit.serve.server",
 }
 
 
