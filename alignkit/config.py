@@ -137,8 +137,13 @@ def _build(cls: type[T], data: Any, *, prefix: str, source: str) -> T:
         kwargs[name] = _convert(value, tp, key=prefix + name, source=source)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        # A section's own checks name its keys (`train.batch_size ...`); say which file and, inside a recipe of
+        # several configs, which section (`sft.train`) they are about.
+        if str(e).startswith(f"{source}:"):
+            raise
+        named = not prefix or str(e).startswith(where)
+        raise ConfigError(f"{source}: {e}" if named else f"{source}: in {where}: {e}") from None
     except TypeError as e:
         raise ConfigError(f"{source}: {where}: {e}") from None
 
@@ -161,9 +166,7 @@ def _convert(value: Any, tp: Any, *, key: str, source: str) -> Any:
     args = typing.get_args(tp)
 
     if isinstance(value, _OverrideText):
-        if tp is str or (origin in (Union, types.UnionType) and str in args):
-            return str(value)
-        value = _parse_scalar(str(value))
+        value = _override_value(str(value), takes_str=tp is str or (origin in (Union, types.UnionType) and str in args))
 
     if tp is Any:
         return _parse_overrides(value)
@@ -243,6 +246,25 @@ def _convert(value: Any, tp: Any, *, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key} has annotation {tp!r}, which the config loader does not support.")
 
 
+# YAML 1.1's spellings of null; `key=null` means None for every optional field, string fields included.
+_NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
+
+
+def _override_value(text: str, *, takes_str: bool) -> Any:
+    """The value of a command-line override's text. A field that takes strings gets the text as written (no YAML
+    surprises: `tokenizer=bpe:512`, `template={{ x }}`), except the null words, which mean None as in a recipe, and
+    a quoted scalar, which YAML unquotes (`key="'null'"` for the four-letter string)."""
+    if not takes_str:
+        return _parse_scalar(text)
+    if text in _NULL_WORDS:
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        parsed = _parse_scalar(text)
+        if isinstance(parsed, str):
+            return parsed
+    return text
+
+
 def _parse_overrides(value: Any) -> Any:
     """Inside free-form values (dict / Any fields) override texts become YAML scalars."""
     if isinstance(value, _OverrideText):
@@ -277,9 +299,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _type_error(key: str, tp: Any, value: Any, source: str) -> ConfigError:
+    # Python's spelling of None is a plain string in YAML; say which word means None.
+    hint = " (None is written null)" if value in ("None", "none") else ""
     return ConfigError(
-        f"{source}: {key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__}). Fix the value in the "
-        "recipe or override it on the command line."
+        f"{source}: {key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__}){hint}. Fix the value in "
+        "the recipe or override it on the command line."
     )
 
 

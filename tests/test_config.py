@@ -33,6 +33,40 @@ def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
     assert cfg.data.max_length == 512  # untouched defaults stay
 
 
+@pytest.mark.parametrize("null", ["null", "~", "Null", "NULL"])
+def test_null_override_means_none_for_every_optional_field(tmp_path: Path, null: str) -> None:
+    # The recipe sets every optional field; `key=null` on the command line clears it, strings included (these came
+    # back as the string 'null' when string fields kept the override text verbatim).
+    recipe = write(tmp_path, "model: {path: some/model}\ntokenizer: some/tokenizer\nchat_template: chatml\n"
+                             "data: {train: a.jsonl, eval: b.jsonl, eval_size: 8, limit: 100, truncation: left}\n"
+                             "train: {max_steps: 5}\n")
+    keys = ["model.path", "tokenizer", "chat_template", "data.eval", "data.eval_size", "data.limit",
+            "data.truncation", "train.max_steps"]
+    cfg = load_config(SFTConfig, recipe, [f"{key}={null}" for key in keys])
+    assert cfg.model.path is None and cfg.tokenizer is None and cfg.chat_template is None
+    assert cfg.data.eval is None and cfg.data.eval_size is None and cfg.data.limit is None
+    assert cfg.data.truncation is None and cfg.train.max_steps is None
+    assert cfg.data.train == "a.jsonl"
+
+
+def test_null_override_of_reference_path() -> None:
+    from alignkit.trainers.preference_configs import DPOConfig
+
+    assert load_config(DPOConfig, None, ["reference.path=some/model"]).reference.path == "some/model"
+    assert load_config(DPOConfig, None, ["reference.path=null"]).reference.path is None
+
+
+def test_quoted_override_is_a_string_and_none_is_not_null() -> None:
+    # YAML's quotes keep the word: `tokenizer="'null'"` in a shell is the text 'null' with its quotes.
+    assert load_config(SFTConfig, None, ["tokenizer='null'"]).tokenizer == "null"
+    assert load_config(SFTConfig, None, ['data.train="~"']).data.train == "~"
+    assert load_config(SFTConfig, None, ["data.train=null.jsonl"]).data.train == "null.jsonl"
+    with pytest.raises(ConfigError, match=r"data\.train must be str; got None"):
+        load_config(SFTConfig, None, ["data.train=null"])
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be int \| None; got 'None' \(str\) \(None is written null\)"):
+        load_config(SFTConfig, None, ["train.max_steps=None"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -62,6 +62,51 @@ def test_recipe_errors(tmp_path: Path) -> None:
         load_recipe(tmp_path / "typo.yaml")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.sft_wrong_operation_sharee=0.5",
+         r"unknown config key data\.sft_wrong_operation_sharee .*Did you mean data\.sft_wrong_operation_share\?"
+         r".*Valid keys here: difficulty, pretrain_problems, .*sft_wrong_operation_share, .*grpo_problems\."),
+        ("grpo.train.max_stepz=3",
+         r"unknown config key grpo\.train\.max_stepz .*Did you mean grpo\.train\.max_steps\?.*Valid keys here: "
+         r"batch_size, .*max_steps"),
+        ("tokenizer.vocab_sise=300", r"unknown config key tokenizer\.vocab_sise .*Did you mean tokenizer\.vocab_size"),
+        ("evaluate.max_new_token=4", r"unknown config key evaluate\.max_new_token .*evaluate\.max_new_tokens"),
+        ("pretrain.model.init.hidden_sise=8", r"model\.init\.hidden_sise is not a ModelConfig field\. Did you mean "
+                                              r"model\.init\.hidden_size"),
+        # A setting at odds with what the pipeline fills in (sft starts from the pretrained model's path).
+        ("sft.model.init={hidden_size: 8}", r"stage sft .*model\.path and model\.init are both set"),
+        ("ppo.train.batch_size=6", r"in ppo\.train: train\.batch_size 6 is not a multiple"),
+    ],
+)
+def test_typos_fail_before_any_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
+                                         message: str) -> None:
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--output", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not out.exists()  # nothing ran: not even the data stage made its folder
+
+
+def test_stage_config_is_the_section_with_the_pipeline_paths() -> None:
+    from alignkit.pipeline.recipe import stage_config
+
+    recipe = load_recipe(None)
+
+    def path(stage: str, key: str) -> str:
+        return f"runs/x/{stage}/{key}"
+
+    sft = stage_config(recipe, "sft", path, output_dir="runs/x/sft")
+    assert (sft.model.path, sft.data.train, sft.data.eval) == ("runs/x/pretrain/model_dir", "runs/x/data/sft_train",
+                                                               "runs/x/data/sft_eval")
+    assert sft.train.output_dir == "runs/x/sft" and sft.optim.lr == recipe.sft.optim.lr
+    ptx = stage_config(recipe, "ppo_ptx", path, output_dir="runs/x/ppo_ptx")
+    assert ptx.ppo.reward_funcs == ["rm:runs/x/rm/model_dir"] and ptx.ppo.ptx_coef == recipe.ppo_ptx.ptx_coef
+    assert stage_config(recipe, "ppo", path, output_dir="o").ppo.ptx_coef == 0.0
+    assert recipe.sft.model.path is None and recipe.ppo.ppo.ptx_coef == 0.0  # the recipe itself is left as it was
+
+
 def test_missing_earlier_stage_is_named(tmp_path: Path) -> None:
     recipe = load_recipe(None, fast=True)
     recipe.stages = ["tokenizer"]

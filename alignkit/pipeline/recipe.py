@@ -10,6 +10,7 @@ overrides (`pretrain.train.max_steps=200`) win over both.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
-from alignkit.config import config_from_dict
+from alignkit.config import config_from_dict, config_to_dict
 from alignkit.errors import ConfigError, check_at_least
 from alignkit.tasks.arithmetic import NEAR_MISS_SHARE
-from alignkit.trainers.configs import PretrainConfig, SFTConfig
+from alignkit.trainers.configs import PretrainConfig, SFTConfig, StageConfig
 from alignkit.trainers.preference_configs import DPOConfig, RMConfig
 from alignkit.trainers.rl_configs import GRPOConfig, PPOConfig, RSConfig
 
@@ -191,6 +192,53 @@ def check_stage_order(recipe: QuickstartRecipe, *, source: str = "recipe") -> No
             )
 
 
+# The stages that are `alignkit train` runs, and the trainer each one runs.
+TRAINERS: dict[str, str] = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "dpo": "dpo", "rs": "rs", "grpo": "grpo",
+                            "ppo": "ppo", "ppo_ptx": "ppo"}
+
+
+def stage_config(recipe: QuickstartRecipe, name: str, path: Callable[[str, str], str], *, output_dir: str,
+                 source: str = "recipe") -> StageConfig:
+    """The `alignkit train` config that training stage `name` runs: its recipe section with what the pipeline fills
+    in (`path(stage, key)`: a file or folder an earlier stage writes; train.seed; train.output_dir), built and
+    checked again as a whole, so that a setting at odds with what the pipeline fills in fails here, not when the
+    stage starts. `load_recipe` calls it for every listed stage with placeholder paths before anything runs."""
+    section = recipe.ppo if name == "ppo_ptx" else getattr(recipe, name)
+    fills: dict[str, Any] = {"train.seed": recipe.seed, "train.output_dir": output_dir}
+    if name == "pretrain":
+        fills |= {"tokenizer": path("tokenizer", "tokenizer_dir"), "data.train": path("data", "pretrain_text"),
+                  "data.format": "text"}
+    elif name == "sft":
+        fills |= {"model.path": path("pretrain", "model_dir"), "data.train": path("data", "sft_train"),
+                  "data.eval": path("data", "sft_eval"), "data.format": "chat"}
+    elif name in ("rm", "dpo"):
+        fills |= {"model.path": path("sft", "model_dir"), "data.train": path("data", "preferences"),
+                  "data.eval": path("data", "preferences_eval")}
+    elif name in ("rs", "grpo"):
+        fills |= {"model.path": path("sft", "model_dir"), "data.train": path("data", "grpo_prompts")}
+    elif name in ("ppo", "ppo_ptx"):
+        # The reward is the rm stage's model. The forgetting monitor: LM loss on held-out pretraining text
+        # (eval/ptx_loss) and the held-out problems asked as plain text (eval/heldout_plain_text/accuracy); the
+        # text is also the PTX data when ppo.ptx_coef > 0.
+        fills |= {"model.path": path("sft", "model_dir"), "data.train": path("data", "grpo_prompts"),
+                  "ppo.reward_funcs": [f"rm:{path('rm', 'model_dir')}"], "ppo.reward_weights": None,
+                  "ptx.train": path("data", "pretrain_text"), "ptx.format": "text",
+                  "eval.tasks": [path("data", "heldout_plain_text")]}
+        if name == "ppo_ptx":
+            fills["ppo.ptx_coef"] = recipe.ppo_ptx.ptx_coef
+    else:
+        raise ValueError(f"{name!r} is not a training stage; the training stages are {', '.join(TRAINERS)}.")
+    where = f"{source}, stage {name} (its section `{'ppo' if name == 'ppo_ptx' else name}` with what the pipeline fills in)"
+    return config_from_dict(type(section), config_to_dict(section), source=where, updates=fills)
+
+
+def check_stage_configs(recipe: QuickstartRecipe, *, source: str = "recipe") -> None:
+    """Build every listed training stage's config with placeholder paths: what stage_config checks, at load."""
+    for name in recipe.stages:
+        if name in TRAINERS:
+            stage_config(recipe, name, lambda stage, key: f"<{stage}/{key}>", output_dir=f"<{name}>", source=source)
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Nested dict merge: `override` wins, dicts merge key by key."""
     out = copy.deepcopy(base)
@@ -239,4 +287,5 @@ def load_recipe(path: str | Path | None, *, fast: bool = False, overrides: list[
     where = f"{source} with the command-line overrides" if overrides else source
     recipe = config_from_dict(QuickstartRecipe, data, source=where, updates=updates, overrides=overrides)
     check_stage_order(recipe, source=where)
+    check_stage_configs(recipe, source=where)
     return recipe

@@ -11,7 +11,6 @@ recipe's `stages`, and one more section in the recipe.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import yaml
 
 from alignkit.config import config_to_dict
 from alignkit.errors import ConfigError
-from alignkit.pipeline.recipe import STAGE_NAMES, QuickstartRecipe, check_stage_order
+from alignkit.pipeline.recipe import STAGE_NAMES, TRAINERS, QuickstartRecipe, check_stage_order, stage_config
 from alignkit.tasks import arithmetic
 
 
@@ -129,14 +128,14 @@ def stage_tokenizer(ctx: StageContext) -> StageResult:
                        summary={"vocab_size": tokenizer.vocab_size, "tokens_per_problem": tokens})
 
 
-def _train(ctx: StageContext, cfg: Any, trainer: str | None = None) -> StageResult:
-    """Run trainer `trainer` (default: the stage's name) on its recipe section, seeded by the recipe and writing into
-    the stage's folder."""
+def stage_train(ctx: StageContext) -> StageResult:
+    """Run the stage's trainer on its recipe section, with the paths of earlier stages filled in, seeded by the
+    recipe and writing into the stage's folder."""
     from alignkit.trainers import run
 
-    cfg.train.seed = ctx.recipe.seed
-    cfg.train.output_dir = str(ctx.stage_dir)
-    result = run(trainer or ctx.name, cfg)
+    cfg = stage_config(ctx.recipe, ctx.name, lambda stage, key: str(ctx.require(stage, key)),
+                       output_dir=str(ctx.stage_dir))
+    result = run(TRAINERS[ctx.name], cfg)
     last = result.metrics[-1] if result.metrics else {}
     summary: dict[str, Any] = {"steps": last.get("step"), "loss": last.get("loss")}
     # The last held-out value of each eval metric: eval/loss for every stage, eval/accuracy (rm),
@@ -149,68 +148,37 @@ def _train(ctx: StageContext, cfg: Any, trainer: str | None = None) -> StageResu
 
 def stage_pretrain(ctx: StageContext) -> StageResult:
     """A small Llama from scratch on the task's raw text."""
-    cfg = copy.deepcopy(ctx.recipe.pretrain)
-    cfg.tokenizer = str(ctx.require("tokenizer", "tokenizer_dir"))
-    cfg.data.train, cfg.data.format = str(ctx.require("data", "pretrain_text")), "text"
-    return _train(ctx, cfg)
+    return stage_train(ctx)
 
 
 def stage_sft(ctx: StageContext) -> StageResult:
     """Supervised fine-tuning of the pretrained model on chat records (loss on the assistant's answer only)."""
-    cfg = copy.deepcopy(ctx.recipe.sft)
-    cfg.model.path = str(ctx.require("pretrain", "model_dir"))
-    cfg.data.train, cfg.data.eval = str(ctx.require("data", "sft_train")), str(ctx.require("data", "sft_eval"))
-    cfg.data.format = "chat"
-    return _train(ctx, cfg)
-
-
-def _preference_stage(ctx: StageContext, cfg: Any) -> StageResult:
-    """rm and dpo: from the SFT model, on the task's preference pairs and the held-out ones."""
-    cfg.model.path = str(ctx.require("sft", "model_dir"))
-    cfg.data.train = str(ctx.require("data", "preferences"))
-    cfg.data.eval = str(ctx.require("data", "preferences_eval"))
-    return _train(ctx, cfg)
+    return stage_train(ctx)
 
 
 def stage_rm(ctx: StageContext) -> StageResult:
     """A Bradley-Terry reward model from the SFT model (scalar head on its decoder), on the preference pairs."""
-    return _preference_stage(ctx, copy.deepcopy(ctx.recipe.rm))
+    return stage_train(ctx)
 
 
 def stage_dpo(ctx: StageContext) -> StageResult:
     """DPO of the SFT model on the preference pairs, with the SFT model as the (precomputed) reference."""
-    return _preference_stage(ctx, copy.deepcopy(ctx.recipe.dpo))
+    return stage_train(ctx)
 
 
 def stage_rs(ctx: StageContext) -> StageResult:
     """Rejection sampling from the SFT model: sample answers, keep correct ones (the task's checker), SFT on them."""
-    cfg = copy.deepcopy(ctx.recipe.rs)
-    cfg.model.path = str(ctx.require("sft", "model_dir"))
-    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
-    return _train(ctx, cfg)
+    return stage_train(ctx)
 
 
 def stage_grpo(ctx: StageContext) -> StageResult:
     """GRPO from the SFT model on the task's prompts, rewarded by the answer checker (RL with verifiable rewards)."""
-    cfg = copy.deepcopy(ctx.recipe.grpo)
-    cfg.model.path = str(ctx.require("sft", "model_dir"))
-    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
-    return _train(ctx, cfg)
+    return stage_train(ctx)
 
 
 def stage_ppo(ctx: StageContext) -> StageResult:
     """PPO from the SFT model against the reward model (RLHF: a learned reward, a critic, a KL penalty)."""
-    cfg = copy.deepcopy(ctx.recipe.ppo)
-    cfg.model.path = str(ctx.require("sft", "model_dir"))
-    cfg.data.train = str(ctx.require("data", "grpo_prompts"))
-    cfg.ppo.reward_funcs, cfg.ppo.reward_weights = [f"rm:{ctx.require('rm', 'model_dir')}"], None
-    # The forgetting monitor: LM loss on held-out pretraining text (eval/ptx_loss), and the held-out problems asked
-    # as plain text (eval/heldout_plain_text/accuracy). The text is also the PTX data when ppo.ptx_coef > 0.
-    cfg.ptx.train, cfg.ptx.format = str(ctx.require("data", "pretrain_text")), "text"
-    cfg.eval.tasks = [str(ctx.require("data", "heldout_plain_text"))]
-    if ctx.name == "ppo_ptx":
-        cfg.ppo.ptx_coef = ctx.recipe.ppo_ptx.ptx_coef
-    return _train(ctx, cfg, trainer="ppo")
+    return stage_train(ctx)
 
 
 def stage_evaluate(ctx: StageContext) -> StageResult:
@@ -251,7 +219,11 @@ def stage_report(ctx: StageContext) -> StageResult:
     evaluated = ctx.results.get("evaluate")
     compare = (ctx.recipe.evaluate.compare[0], ctx.recipe.evaluate.compare[1])
     headline = summary_section(evaluated.summary, compare=compare) if evaluated is not None else []
-    path = build_report(ctx.run_dir, title="alignkit quickstart", summary=headline)
+    # The report ends with a command per model; they ask the first held-out problem (and score its solution).
+    problem = next(iter(heldout_problems(ctx.recipe)), None)
+    path = build_report(ctx.run_dir, title="alignkit quickstart", summary=headline,
+                        try_prompt=problem.question if problem else None,
+                        try_response=problem.solution if problem else None)
     return StageResult(paths={"report": path})
 
 

@@ -27,6 +27,20 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.path is not None and self.init is not None:
             raise ConfigError("model.path and model.init are both set; set path to fine-tune or init to train from scratch.")
+        if self.init is not None:
+            # A typo in model.init would otherwise surface only when the model is built, after the data is read.
+            import dataclasses
+            import difflib
+
+            from alignkit.model.config import ModelConfig
+
+            known = [f.name for f in dataclasses.fields(ModelConfig)]
+            for key in self.init:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                    hint = f" Did you mean model.init.{close[0]}?" if close else ""
+                    raise ConfigError(f"model.init.{key} is not a ModelConfig field.{hint} Valid fields: "
+                                      f"{', '.join(known)}.")
 
 
 @dataclass
