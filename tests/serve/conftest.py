@@ -144,6 +144,7 @@ class ScriptedScheduler:
         self.waiting: list[tuple[int, SamplingParams]] = []
         self.running: dict[int, dict[str, Any]] = {}
         self.prompts: dict[int, list[int]] = {}
+        self.params: dict[int, SamplingParams] = {}
         self.step_log: list[set[int]] = []
         self.cancelled: list[int] = []
         self.next_id = 0
@@ -153,6 +154,7 @@ class ScriptedScheduler:
         self.next_id += 1
         self.waiting.append((self.next_id, params))
         self.prompts[self.next_id] = list(prompt_ids)
+        self.params[self.next_id] = params
         return self.next_id
 
     def cancel(self, request_id: int) -> None:
