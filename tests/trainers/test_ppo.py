@@ -336,6 +336,47 @@ def test_the_objective_switches_run_and_the_entropy_bonus_has_a_gradient(tmp_pat
                                                     abs=1e-6)
 
 
+def test_stop_token_and_min_completion_length_end_completions_where_they_say() -> None:
+    """`rollout.stop_token` (one-token text) with `min_completion_length` 4, on greedy decoding: each completion is
+    the free greedy completion cut at its first stop token from index 4 on (the token kept), provided the free one
+    had no stop token before index 4 (then masking it changes nothing before the cut)."""
+    from alignkit.generation import generate
+    from alignkit.trainers.rl_configs import RolloutSection
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("byte")
+    model = LlamaForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY, initializer_range=0.5))
+    prompts = [tokenizer.encode(f"Say something {i}") for i in range(12)]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[]))
+    # The stop token: a one-character token that some free completions hold before index 4 (where it must be
+    # masked) and others after (where it must cut).
+    early: dict[int, int] = {}
+    late: dict[int, int] = {}
+    for c in free:
+        for i, t in enumerate(c.token_ids):
+            if len(tokenizer.decode([t])) == 1 and tokenizer.encode(tokenizer.decode([t])) == [t]:
+                counts = early if i < 4 else late
+                counts[t] = counts.get(t, 0) + 1
+    stop = max(early, key=lambda t: (min(early[t], late.get(t, 0)), early[t] + late.get(t, 0)))
+    section = RolloutSection(max_completion_length=12, stop_token=tokenizer.decode([stop]), min_completion_length=4)
+    params = dataclasses.replace(section.sampling_params(tokenizer), temperature=0.0)  # greedy: comparable rows
+    assert params.stop_token_ids == [stop] and params.min_new_tokens == 4
+    held = generate(model, prompts, params)
+    checked = stopped = 0
+    for f, h in zip(free, held):
+        assert stop not in h.token_ids[:4]
+        if h.finish_reason == "stop":
+            stopped += 1
+            assert h.token_ids[-1] == stop and stop not in h.token_ids[4:-1] and len(h.token_ids) >= 5
+        else:
+            assert stop not in h.token_ids and len(h.token_ids) == 12
+        if stop not in f.token_ids[:4]:
+            checked += 1
+            cut = f.token_ids.index(stop, 4) + 1 if stop in f.token_ids[4:] else len(f.token_ids)
+            assert h.token_ids == f.token_ids[:cut]
+    assert stopped > 0 and checked > 0 and any(stop in f.token_ids[:4] for f in free), (stopped, checked)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
