@@ -45,8 +45,13 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # Training data: a .jsonl/.json/.parquet/.txt file, a folder of them, or a Hugging Face dataset name.
-    train: str = ""
+    # Training data: a .jsonl/.json/.parquet/.txt file, a folder of them, or a Hugging Face dataset name. Pretrain
+    # and sft also take a list of them mixed by data.weights (domain data with general replay, say; on the command
+    # line `data.train=[a.jsonl,b.jsonl]`): every example of the first source once per epoch, the others in
+    # proportion, fixed by data.seed; without data.eval the held-out examples come from the first source only.
+    train: str | list[str] = ""
+    # Mixing weights of a data.train list, one per source (normalised to sum 1; default: equal).
+    weights: list[float] | None = None
     # Held-out data in the same format; when unset, eval_fraction (or eval_size) of train is held out.
     eval: str | None = None
     # Record format: text (pretraining), instruction (instruction/input/output), chat (messages), auto (detect).
@@ -72,10 +77,34 @@ class DataSection:
     text_field: str = "text"
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, str) and self.train.startswith("[") and self.train.endswith("]"):
+            # `data.train=[a.jsonl,b.jsonl]` on the command line: a flow list, as YAML writes it.
+            self.train = [s.strip().strip("'\"") for s in self.train[1:-1].split(",") if s.strip()]
+        if isinstance(self.train, list):
+            if len(self.train) == 1:
+                self.train = self.train[0]
+            elif not self.train:
+                self.train = ""
+        if self.weights is not None:
+            from alignkit.data.mixing import normalise_weights
+
+            normalise_weights(self.weights, len(self.sources))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1); got {self.eval_fraction}.")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be at least 2; got {self.max_length}.")
+
+    @property
+    def sources(self) -> list[str]:
+        """data.train as a list: one source, or the several a mixture draws from."""
+        return list(self.train) if isinstance(self.train, list) else [self.train]
+
+    def single_source(self, stage: str) -> str:
+        """data.train for a stage that reads one source; a ConfigError naming the stages that mix several."""
+        if isinstance(self.train, list):
+            raise ConfigError(f"data.train lists {len(self.train)} sources, but {stage} training reads one; mixing "
+                              "several by data.weights is for pretrain and sft. Give one source.")
+        return self.train
 
 
 @dataclass
