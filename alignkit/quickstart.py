@@ -1,6 +1,6 @@
 """`alignkit quickstart`: the whole pipeline on the built-in arithmetic task, on a CPU, with no download.
 
-    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> evaluate -> report
+    data -> tokenizer -> pretrain -> sft -> rm -> dpo -> rs -> grpo -> ppo -> ppo_ptx -> evaluate -> report
 
 The recipe (`alignkit/recipes/quickstart.yaml`, typed in `alignkit.pipeline.recipe`) drives every stage; the stages
 live in `alignkit.pipeline.stages`. This module is the command.
@@ -19,10 +19,14 @@ from alignkit.report.summary import summary_table
 
 def add_quickstart_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="run the whole pipeline on a built-in arithmetic task (CPU, minutes, no download)",
-        description="Generate arithmetic word problems, train a tokenizer, pretrain a small Llama from scratch, "
-        "fine-tune it on chat records, train a reward model and DPO on checked preference pairs, evaluate "
-        "held-out accuracy, and write a report with plots.",
+        "quickstart", help="run the whole pipeline on a built-in arithmetic task (CPU, no download): tokenizer, "
+        "pretrain, sft, rm, dpo, rs, grpo, ppo, ppo_ptx, evaluate, report",
+        description="Every stage in order, each in its own folder of the run directory: data (generate arithmetic "
+        "word problems), tokenizer (train a byte-level BPE), pretrain (a small Llama from scratch), sft (fine-tune "
+        "it on chat records), rm (a reward model on checked preference pairs), dpo (DPO on the same pairs), rs "
+        "(rejection sampling with the task's checker), grpo (GRPO with the checker as reward), ppo (PPO against the "
+        "reward model), ppo_ptx (PPO with the pretraining loss mixed in), evaluate (held-out accuracy of every "
+        "model) and report (report.md with plots). The recipe's `stages` list picks which run.",
     )
     parser.add_argument("--output", "-o", help="run directory (default: runs/quickstart-<timestamp>)")
     parser.add_argument("--recipe", help="recipe YAML (default: the one shipped in alignkit/recipes/quickstart.yaml)")

@@ -15,6 +15,7 @@ from alignkit.config import config_to_dict
 from alignkit.errors import ConfigError
 from alignkit.pipeline import STAGES, load_recipe, run_pipeline
 from alignkit.report.summary import comparison, summary_table
+from tests.conftest import QuickstartRun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +149,7 @@ def test_summary_table_compares_sft_and_dpo() -> None:
     }
     lines = summary_table(rows, compare=("sft", "dpo"), seconds={"evaluate": 12.0, "dpo": 40.4}).splitlines()
     assert lines[0].split() == ["model", "held-out", "acc", "sampled", "acc", "sampled", "wrong-op", "train-pair",
-                                "acc", "plain-text", "acc", "pref", "acc", "eval", "loss"]
+                                "acc", "plain-text", "acc", "pref", "acc", "answer", "loss"]
     assert lines[1].split() == ["sft", "0.820", "0.500", "0.300", "0.977", "0.447", "0.953", "0.070"]
     # dpo was not sampled: "-" in those columns, and no sampled line in the comparison.
     assert lines[2].split() == ["dpo", "0.800", "-", "-", "0.970", "0.400", "0.990", "0.080"]
@@ -172,9 +173,8 @@ def test_unknown_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--fast", "--output", str(out)]) == 0
+def test_quickstart_fast_end_to_end(quickstart_fast_run: QuickstartRun) -> None:
+    out = quickstart_fast_run.path  # the session's one `alignkit quickstart --fast` run (tests/conftest.py)
     recipe = config_to_dict(load_recipe(None, fast=True))
     for stage in ("data", "tokenizer", "pretrain", "sft", "rm", "dpo", "rs", "grpo", "ppo", "ppo_ptx", "evaluate"):
         assert (out / stage).is_dir()
@@ -250,8 +250,18 @@ def test_quickstart_fast_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     def pairs(path: Path) -> set[str]:
         return {json.loads(line)["messages"][1]["content"].split(" =")[0] for line in path.read_text().splitlines()}
     assert not pairs(out / "data" / "sft_train.jsonl") & pairs(out / "data" / "sft_eval.jsonl")
-    printed = capsys.readouterr().out
+    printed = quickstart_fast_run.printed
     assert "held-out acc" in printed and "pref acc" in printed and f"report: {out / 'report.md'}" in printed
     assert "held-out task accuracy: sft " in printed
     for name in ("loss.png", "accuracy.png", "logps.png", "logps_delta.png", "reward.png", "kl.png", "forgetting.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_names_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    from alignkit.pipeline.recipe import STAGE_NAMES
+
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    missing = [name for name in STAGE_NAMES if not re.search(rf"\b{name} \(", text)]
+    assert not missing, text

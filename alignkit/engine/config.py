@@ -78,7 +78,10 @@ class TrainSection:
     resume: bool = False
     # Where to send metrics besides metrics.jsonl: tensorboard, wandb, trackio.
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
-    # Distributed wrapper under torchrun: ddp (replicated weights) or fsdp2 (sharded, GPU).
+    # Distributed wrapper under torchrun (one process ignores it): ddp (replicated weights) or fsdp2 (parameters,
+    # gradients and AdamW state sharded per decoder layer). fsdp2 is unfinished: tested on CPUs (2 processes) and
+    # one GPU, not yet on several GPUs or for speed and memory; layers are all-gathered in model.dtype (no
+    # mixed-precision policy, no CPU offload); PPO with LoRA needs ppo.critic_init=reward_model under it.
     strategy: Literal["ddp", "fsdp2"] = "ddp"
     # Device: auto (cuda when available), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -13,7 +13,8 @@ from alignkit.tokenizer.templates import TEMPLATES
 
 
 def add_tokenizer_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser("tokenizer", help="Train or inspect tokenizers.")
+    parser = subparsers.add_parser(
+        "tokenizer", help="Train a byte-level BPE tokenizer with a chat template's special tokens (`tokenizer train`).")
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="<subcommand>", required=True)
     train = sub.add_parser(
         "train",

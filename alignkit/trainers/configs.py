@@ -67,7 +67,8 @@ class DataSection:
     packing: bool | None = False
     # Fraction of train held out for evaluation when `eval` is unset.
     eval_fraction: float = 0.05
-    # Number of held-out examples (overrides eval_fraction when set).
+    # Number of held-out examples (overrides eval_fraction when set). More than half of train (a quick run with
+    # data.limit) holds out a quarter instead, with a logged note.
     eval_size: int | None = None
     # Seed of the train/eval split (the batch order uses train.seed).
     seed: int = 0

@@ -9,6 +9,7 @@ final export. A stage file reads top to bottom: build the model, load the data, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
@@ -28,6 +29,7 @@ from alignkit.tokenizer import Tokenizer
 from alignkit.trainers.common import RunResult, add_lora, total_steps
 from alignkit.trainers.configs import DataSection, EvalSection, LoRASection
 
+logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
 COUNT = "__count__"
 # One held-out micro-batch: (metric sums over its items, its number of items); the evaluation reports each sum over
@@ -40,15 +42,21 @@ EvalBatchFn = Callable[[Models, Any], tuple[Mapping[str, float], float]]
 
 def hold_out(items: list[Item], data: DataSection, *, what: str = "examples") -> tuple[list[Item], list[Item]]:
     """(train, held out): a seeded random data.eval_size (or eval_fraction) of `items`, the same split for every
-    run with the same data.seed whatever train.seed is."""
+    run with the same data.seed whatever train.seed is. A held-out size of more than half the items (a recipe's
+    eval_size on a quick run with data.limit) is scaled down to a quarter of them, with a logged note."""
     size = data.eval_size if data.eval_size is not None else math.ceil(data.eval_fraction * len(items))
     if size <= 0:
         return items, []
-    if size >= len(items):
-        raise DataError(
-            f"{data.train}: holding out {size} of {len(items)} {what} for evaluation leaves none to train on; "
-            "lower data.eval_fraction / data.eval_size or set data.eval."
+    if 2 * size > len(items):
+        scaled = len(items) // 4
+        logger.warning(
+            f"{data.train}: holding out {size} of {len(items)} {what} for evaluation would leave "
+            f"{max(len(items) - size, 0)} to train on; holding out {scaled} (a quarter) instead. Set data.eval_size "
+            "(or data.eval, a held-out file) to choose."
         )
+        size = scaled
+        if size == 0:
+            return items, []
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(data.seed)).tolist()
     held = set(order[:size])
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
@@ -226,6 +234,7 @@ def train_stage(
     directory exists and before the first step (DPO precomputes its reference log-probs there); `state` objects go
     into every checkpoint; `on_step` sees each step's row.
     """
+    check_one_batch(cfg, info, len(train_items), len(eval_items))
     batches = StepBatches(train_items, collate=collate, batch_size=cfg.train.batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                           rank=info.rank, world_size=info.world_size, source=cfg.data.train)
@@ -247,6 +256,37 @@ def train_stage(
     metrics = engine.train(batches, loss_fn, eval_fn=eval_fn, state=state, on_step=on_step)
     final = export(model, tokenizer, run_dir, lora=cfg.lora, base_model=cfg.model.path, info=info)
     return RunResult(run_dir=run_dir, final_model_dir=final, metrics=metrics)
+
+
+def check_one_batch(cfg: Any, info: DistInfo, num_items: int, num_held_out: int) -> None:
+    """A DataError listing every setting that would make a training set smaller than one global batch fit (a quick
+    run with data.limit): the batch size it fills, packing, the limit, the held-out share, in one message."""
+    batch_size, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    if num_items >= batch_size:
+        return
+    data = cfg.data
+    packed = data.packing if data.packing is not None else info.device.type == "cpu"
+    unit = f"rows (examples packed into rows of up to data.max_length={data.max_length} tokens)" if packed else "examples"
+    changes: list[str] = []
+    fits = num_items - num_items % info.world_size  # the largest global batch this data fills, one share per rank
+    if fits > 0:
+        per_rank = fits // info.world_size
+        fits_micro = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
+        changes.append(f"train.batch_size={fits} train.micro_batch_size={fits_micro} (the largest batch it fills)")
+    if packed:
+        changes.append("data.packing=false (one example per row: more rows)")
+    if data.limit is not None:
+        changes.append(f"a larger data.limit (now {data.limit}) or none")
+    else:
+        changes.append("more records in data.train")
+    if num_held_out and not data.eval:
+        held = f"data.eval_size={data.eval_size}" if data.eval_size is not None else f"data.eval_fraction={data.eval_fraction}"
+        changes.append(f"fewer held-out records (now {held}; 0 holds none out, data.eval names a held-out file)")
+    raise DataError(
+        f"{data.train}: the training set has {num_items} {unit}, fewer than one global batch of "
+        f"train.batch_size={batch_size}" + (f" over {info.world_size} processes" if info.world_size > 1 else "")
+        + ". To train on this little data, change any of: " + "; ".join(changes) + "."
+    )
 
 
 def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRASection, base_model: str | None,

@@ -161,3 +161,59 @@ def test_sft_lora_trains_only_adapters_and_exports_for_peft(tmp_path: Path) -> N
         adapted = peft_model(input_ids).logits
     assert (adapted - hf_logits(result.final_model_dir, input_ids)).abs().max() < 1e-4
     assert (adapted - hf_logits(Path(base), input_ids)).abs().max() > 1e-2  # and it is not the base model
+
+
+def small_sft(tmp_path: Path, overrides: list[str], *, records: int = 40) -> tuple[Path, list[str]]:
+    """A recipe as shipped (32 held out, batches of 8), written to a file, and the overrides of a quick run."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {base_model(tmp_path)}}}\n"
+        f"data: {{train: {write_jsonl(tmp_path / 'chat.jsonl', chats(records))}, eval: {tmp_path / 'missing.jsonl'}, "
+        "max_length: 64, eval_size: 32}\n"
+        f"train: {{batch_size: 8, micro_batch_size: 8, max_steps: 40, output_dir: {tmp_path / 'run'}, report_to: []}}\n"
+    )
+    return recipe, overrides
+
+
+def test_data_eval_null_holds_out_from_train(tmp_path: Path) -> None:
+    # The recipe names a held-out file that is not there; data.eval=null on the command line clears it (it used to
+    # become the file name 'null') and the run holds records out of data.train instead.
+    from alignkit.config import load_config
+
+    recipe, overrides = small_sft(tmp_path, ["data.eval=null", "data.eval_size=8", "train.max_steps=1",
+                                             "train.eval_on_start=true"])
+    cfg = load_config(SFTConfig, recipe, overrides)
+    assert cfg.data.eval is None
+    result = run("sft", cfg)
+    assert [r["step"] for r in result.metrics if "loss" in r] == [1]
+    assert math.isfinite(result.metrics[0]["eval/loss"])
+
+
+def test_quick_run_scales_the_held_out_size_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # `train.max_steps=2 data.limit=16` on a recipe that holds out 32: a quarter (4) is held out, with a note, and
+    # the 12 left fill a batch of 8.
+    from alignkit.config import load_config
+
+    recipe, overrides = small_sft(tmp_path, ["data.eval=null", "train.max_steps=2", "data.limit=16"])
+    with caplog.at_level("WARNING", logger="alignkit"):
+        result = run("sft", load_config(SFTConfig, recipe, overrides))
+    assert "holding out 32 of 16 examples for evaluation would leave 0 to train on; holding out 4" in caplog.text
+    assert [r["step"] for r in result.metrics if "loss" in r][-1] == 2
+
+
+def test_too_little_data_names_every_setting_to_change(tmp_path: Path) -> None:
+    from alignkit.config import load_config
+
+    # 12 short chats (16, 4 held out) packed into rows of 256 tokens: fewer rows than a batch of 8.
+    recipe, overrides = small_sft(tmp_path, ["data.eval=null", "train.max_steps=2", "data.limit=16",
+                                             "data.packing=true", "data.max_length=256", "train.micro_batch_size=4"])
+    with pytest.raises(DataError) as error:
+        run("sft", load_config(SFTConfig, recipe, overrides))
+    message = str(error.value)
+    rows = int(message.split("the training set has ")[1].split()[0])
+    assert 0 < rows < 8, message
+    assert f"fewer than one global batch of train.batch_size=8. To train on this little data, change any of: " \
+           f"train.batch_size={rows} train.micro_batch_size=" in message
+    for setting in ("data.packing=false", "a larger data.limit (now 16) or none", "now data.eval_size=32"):
+        assert setting in message, message
+    assert not (tmp_path / "run").exists()  # refused before the run directory is written
