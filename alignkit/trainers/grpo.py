@@ -189,7 +189,8 @@ def train(cfg: GRPOConfig) -> RunResult:
     if cfg.grpo.beta > 0 and not cfg.lora.enabled:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-    items = load_prompts(read_records(cfg.data.train, cfg.data), tokenizer, source=cfg.data.train,
+    source = cfg.data.single_source("grpo")
+    items = load_prompts(read_records(source, cfg.data), tokenizer, source=source,
                          max_prompt_length=cfg.rollout.max_prompt_length, system_prompt=cfg.rollout.system_prompt,
                          log=info.is_main)
     g = cfg.rollout.num_generations

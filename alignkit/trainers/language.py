@@ -3,6 +3,7 @@ tokens and its held-out evaluation (loss and perplexity)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from alignkit.data import (
     pad_collate,
     tokenize_dataset,
 )
+from alignkit.data.mixing import mix_sources
 from alignkit.engine import DistInfo, Models
 from alignkit.errors import ConfigError
 from alignkit.losses.lm import causal_lm_loss
@@ -28,20 +30,30 @@ from alignkit.trainers.common import RunResult, read_records
 from alignkit.trainers.configs import DataSection
 from alignkit.trainers.stage import hold_out, train_stage
 
+logger = logging.getLogger(__name__)
+
 
 def load_examples(
     data: DataSection, tokenizer: Tokenizer, *, format: str | None = None
 ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """Tokenised (train, eval) examples. Without data.eval, a seeded random eval_fraction / eval_size is held out."""
+    """Tokenised (train, eval) examples. Without data.eval, a seeded random eval_fraction / eval_size is held out
+    (from the first source when data.train lists several, which are then mixed by data.weights)."""
     if not data.train:
         raise ConfigError("data.train is empty; set it to a dataset file, folder or hub name.")
     kwargs = dict(format=format or data.format, max_length=data.max_length, truncation=data.truncation,
                   text_field=data.text_field)
-    train = tokenize_dataset(read_records(data.train, data), tokenizer, source=data.train, **kwargs)  # type: ignore[arg-type]
+    sources = [tokenize_dataset(read_records(source, data), tokenizer, source=source, **kwargs)  # type: ignore[arg-type]
+               for source in data.sources]
     if data.eval:
         held_out = tokenize_dataset(read_records(data.eval, data), tokenizer, source=data.eval, **kwargs)  # type: ignore[arg-type]
-        return train, held_out
-    return hold_out(train, data)
+    else:
+        sources[0], held_out = hold_out(sources[0], data)
+    if len(sources) == 1:
+        return sources[0], held_out
+    train, counts = mix_sources(sources, data.weights, seed=data.seed, names=data.sources)
+    logger.info("data: mixture of " + ", ".join(f"{count} examples from {source} ({len(examples)} there)"
+                                               for source, count, examples in zip(data.sources, counts, sources)))
+    return train, held_out
 
 
 def batching(

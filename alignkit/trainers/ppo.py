@@ -328,7 +328,8 @@ def train(cfg: PPOConfig) -> RunResult:
     add_lora(policy, cfg.lora)
     add_lora(critic, cfg.lora)
 
-    items = load_prompts(read_records(cfg.data.train, cfg.data), tokenizer, source=cfg.data.train,
+    source = cfg.data.single_source("ppo")
+    items = load_prompts(read_records(source, cfg.data), tokenizer, source=source,
                          max_prompt_length=cfg.rollout.max_prompt_length, system_prompt=cfg.rollout.system_prompt,
                          require_answer=False, log=info.is_main)
     g, world = cfg.rollout.num_generations, info.world_size

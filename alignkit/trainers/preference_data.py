@@ -46,7 +46,8 @@ def load_preference_data(
         raise ConfigError("data.train is empty; set it to a preference dataset file, folder or hub name.")
     options: dict[str, Any] = dict(max_length=data.max_length, truncation=data.truncation or "left",
                                    max_prompt_length=max_prompt_length, strict=strict, margin_field=margin_field)
-    train, stats, has_margin = tokenize_pairs(read_records(data.train, data), tokenizer, source=data.train, **options)
+    source = data.single_source("preference (dpo, rm)")
+    train, stats, has_margin = tokenize_pairs(read_records(source, data), tokenizer, source=source, **options)
     held_out: list[PairItem] = []
     if data.eval:
         held_out, eval_stats, eval_margin = tokenize_pairs(read_records(data.eval, data), tokenizer,

@@ -29,7 +29,8 @@ def train(cfg: PretrainConfig) -> RunResult:
     if tokenizer is None and cfg.tokenizer is not None:
         texts = []
         if cfg.tokenizer.startswith("bpe:"):
-            texts = [r.get(cfg.data.text_field, "") for r in read_records(cfg.data.train, cfg.data)]
+            texts = [r.get(cfg.data.text_field, "") for source in cfg.data.sources
+                     for r in read_records(source, cfg.data)]
         tokenizer = load_tokenizer(cfg.tokenizer, texts=texts)
     model, tokenizer = build_model(cfg.model, tokenizer, device=info.device)
     add_lora(model, cfg.lora)

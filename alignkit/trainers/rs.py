@@ -96,7 +96,8 @@ def train(cfg: RSConfig) -> RunResult:
     # The starting model's tokenizer (or the configured one) for every round: each round's SFT saves it unchanged.
     tokenizer = load_tokenizer(cfg.tokenizer or str(resolve_model_path(str(cfg.model.path))))
     set_chat_template(tokenizer, cfg.chat_template)
-    items = load_prompts(read_records(cfg.data.train, cfg.data), tokenizer, source=cfg.data.train,
+    source = cfg.data.single_source("rs")
+    items = load_prompts(read_records(source, cfg.data), tokenizer, source=source,
                          max_prompt_length=cfg.rollout.max_prompt_length, system_prompt=cfg.rollout.system_prompt,
                          log=info.is_main)
     order = list(range(len(items)))
