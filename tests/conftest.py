@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny model configs, the real SmolLM2 GGUF, and the shared data folder."""
+"""Shared fixtures: tiny model configs, the real SmolLM2 GGUF, the shared data folder, and one quickstart run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,24 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
     torch.manual_seed(0)
+
+
+@dataclass
+class QuickstartRun:
+    """A finished `alignkit quickstart --fast` run: its directory and what the command printed on stdout."""
+
+    path: Path
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def quickstart_fast_run(tmp_path_factory: pytest.TempPathFactory) -> QuickstartRun:
+    """One `alignkit quickstart --fast` run (about 20 s on one thread), shared by every test that reads its outputs
+    (tests/test_quickstart.py, tests/report), so a session runs the pipeline once."""
+    from alignkit.cli import main
+
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["quickstart", "--fast", "--output", str(out)]) == 0
+    return QuickstartRun(out, printed.getvalue())

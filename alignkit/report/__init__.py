@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from alignkit.report.report import StageSummary, build_report, read_metrics, summarize_stage
+from alignkit.report.report import (
+    StageSummary,
+    build_report,
+    read_metrics,
+    report_figures,
+    summarize_stage,
+    try_it_commands,
+)
 
-__all__ = ["StageSummary", "build_report", "read_metrics", "summarize_stage"]
+__all__ = ["StageSummary", "build_report", "read_metrics", "report_figures", "summarize_stage", "try_it_commands"]
