@@ -98,7 +98,7 @@ class _CompletionResponse:
                 raise APIError(500, f"The server failed while generating: {item}", type="server_error")
             for event in item:
                 choice = self.choices[event.sample_index]
-                choice.text.append(event.text)
+                choice.text.append(event.text or "")
                 choice.token_ids.append(event.token_id)
                 choice.logprobs.append(event.raw_logprob)
                 if event.finish_reason is not None:
