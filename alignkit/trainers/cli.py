@@ -59,5 +59,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 speaks for the run
     last = next((row for row in reversed(result.metrics) if "eval/loss" in row), None)
     summary = f" (eval loss {last['eval/loss']:.4f})" if last else ""
-    print(f"Run finished{summary}: model in {result.final_model_dir}, metrics in {result.run_dir / 'metrics.jsonl'}")
+    adapter = result.run_dir / "adapter"
+    adapter_note = f", LoRA adapter (peft format) in {adapter}" if adapter.is_dir() and cfg.lora.enabled else ""
+    print(f"Run finished{summary}: model in {result.final_model_dir}{adapter_note}, metrics in "
+          f"{result.run_dir / 'metrics.jsonl'}")
     return 0

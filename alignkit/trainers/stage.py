@@ -99,16 +99,28 @@ def combine_evals(*fns: Callable[[Models], dict[str, float]] | None) -> Callable
 
 def task_eval(section: EvalSection, tokenizer: Tokenizer, info: DistInfo,
               generation_model: Callable[[], ContextManager[nn.Module]]) -> Callable[[Models], dict[str, float]] | None:
-    """The eval section's capability check (None when it lists no task): each rank answers its share of every
-    task's questions greedily with the model `generation_model()` yields, and eval/<task>/accuracy is the share of
-    correct answers over all ranks."""
+    """The eval section's capability checks (None when it lists no task), each rank scoring its share of every
+    task's records with the model `generation_model()` yields, the metrics summed over all ranks:
+
+    - `tasks`: questions answered greedily and checked; eval/<task>/accuracy is the share answered correctly;
+    - `icl_tasks`: few-shot multiple choice as `alignkit eval` scores it; eval/<task>/acc (and acc_norm).
+
+    Every task file is read and checked here, before training starts."""
+    from alignkit.eval.harness import evaluate_task, prepare
+    from alignkit.eval.tasks import Task, load_task
     from alignkit.eval.verifiable import load_problems, reward_check, verifiable_accuracy
 
-    if not section.tasks:
+    if not section.tasks and not section.icl_tasks:
         return None
     check = reward_check(section.check)
     tasks = {Path(path).name.removesuffix(".jsonl").removesuffix(".json"): load_problems(path)
              for path in section.tasks}
+    icl_tasks = []
+    for spec in section.icl_tasks:
+        task = load_task(spec)
+        pool, docs = prepare(task, [section.icl_shots], limit=section.icl_limit)
+        # This rank's share, behind the shot pool that every rank's prompts start with.
+        icl_tasks.append(Task(task.name, task.path, task.layout, pool + docs[info.rank :: info.world_size]))
 
     def evaluate(models: Models) -> dict[str, float]:
         out = {}
@@ -120,6 +132,18 @@ def task_eval(section: EvalSection, tokenizer: Tokenizer, info: DistInfo,
                                              prompt_format=section.prompt_format) if mine else {"num_correct": 0}
                 correct = dist.all_reduce_sum(torch.tensor([float(result["num_correct"]), float(len(mine))]))
                 out[f"eval/{name}/accuracy"] = float(correct[0] / correct[1].clamp(min=1))
+            for task in icl_tasks:
+                num_scored = len(task.docs) - section.icl_shots
+                sums = {"acc": 0.0, "acc_norm": 0.0}
+                if num_scored > 0:
+                    (result,) = evaluate_task(model, tokenizer, task, [section.icl_shots],
+                                              shot_pool=section.icl_shots)
+                    sums = {m: result.metrics[m] * num_scored for m in sums if m in result.metrics}
+                names = sorted(sums)
+                total = dist.all_reduce_sum(torch.tensor([sums[m] for m in names] + [float(max(num_scored, 0))],
+                                                         dtype=torch.float64))
+                for i, m in enumerate(names):
+                    out[f"eval/{task.name}/{m}"] = float(total[i] / total[-1].clamp(min=1))
         return out
 
     return evaluate
@@ -243,6 +267,11 @@ def train_stage(
     if eval_items and evaluate_batch is not None:
         eval_fn = sharded_eval(eval_items, collate, cfg.train.micro_batch_size, info, evaluate_batch,
                                finish=eval_finish)
+    if getattr(cfg, "eval", None) is not None:
+        # The eval section's task files are read and checked now, before the run directory is written; the model
+        # comes from the engine made below, when an evaluation runs.
+        eval_fn = combine_evals(eval_fn, task_eval(cfg.eval, tokenizer, info,
+                                                   lambda: engine.generation_model("model")))
     run_dir = prepare_run_dir(cfg, info)
     if info.is_main:
         tokenizer.save(run_dir / "tokenizer")
@@ -306,13 +335,46 @@ def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRAS
         if lora.enabled:
             from alignkit.model.lora import merge_lora, save_adapter
 
-            save_adapter(whole, run_dir / adapter_folder, base_model_name_or_path=str(base_model or ""))
+            recorded, note = adapter_base(base_model, run_dir / adapter_folder, merged=final)
+            save_adapter(whole, run_dir / adapter_folder, base_model_name_or_path=recorded)
+            if note:
+                (run_dir / adapter_folder / "README.md").write_text(f"# LoRA adapter\n\n{note}\n")
+                logger.info(note)
             if whole is model:
                 whole = copy.deepcopy(model)
             merge_lora(whole)
         save_hf_model(whole, final, tokenizer=tokenizer)  # type: ignore[arg-type]
     dist.barrier()
     return final
+
+
+def adapter_base(base_model: str | None, adapter_dir: Path, *, merged: Path) -> tuple[str, str | None]:
+    """What a LoRA adapter records as `base_model_name_or_path`, and a note on attaching it where peft cannot load
+    that base. An HF directory (or an alignkit run's exported model) is recorded by its absolute path, which peft's
+    `AutoPeftModelForCausalLM` loads from any working directory; a Hub name as given. A .gguf file or a packaged
+    model name (smollm2-135m-instruct) is recorded as given too, since no path would load in peft, and the note
+    (also the adapter's README.md) says how to attach it: `alignkit convert` the base to an HF directory, which
+    dequantises it exactly as training loaded it."""
+    from alignkit.checkpoint import resolve_model_path
+    from alignkit.errors import CheckpointError
+
+    if not base_model:
+        return "", None
+    try:
+        resolved = resolve_model_path(base_model)
+    except CheckpointError:
+        return base_model, None  # a Hub name: peft fetches it as transformers does
+    if resolved.is_dir():
+        return str(resolved.resolve()), None
+    what = "a GGUF file" if Path(base_model).is_file() else f"a packaged model ({resolved.name})"
+    note = (
+        f"The adapter in {adapter_dir} was trained on {base_model}, {what}, which peft cannot load as a base. To use "
+        f"it with peft, convert the base to an HF directory with `alignkit convert {base_model} base-hf` and attach "
+        f"it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"base-hf\"), \"{adapter_dir}\") (or "
+        f"set base_model_name_or_path in its adapter_config.json to that directory for AutoPeftModelForCausalLM). "
+        f"{merged} holds the model with the adapter merged in."
+    )
+    return base_model, note
 
 
 def unsharded_copy(model: nn.Module, lora: LoRASection, info: DistInfo) -> nn.Module | None:

@@ -217,3 +217,78 @@ def test_too_little_data_names_every_setting_to_change(tmp_path: Path) -> None:
     for setting in ("data.packing=false", "a larger data.limit (now 16) or none", "now data.eval_size=32"):
         assert setting in message, message
     assert not (tmp_path / "run").exists()  # refused before the run directory is written
+
+
+def lora_export(tmp_path: Path, base: str) -> Path:
+    """export() of a tiny model with LoRA adapters (B set non-zero, so the adapter changes the output)."""
+    from alignkit.engine import DistInfo
+    from alignkit.trainers.common import add_lora
+    from alignkit.trainers.configs import LoRASection
+    from alignkit.trainers.stage import export
+
+    model, tokenizer = load_pretrained(tmp_path / "base")
+    lora = LoRASection(enabled=True, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    add_lora(model, lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    export(model, tokenizer, tmp_path / "run", lora=lora, base_model=base, info=DistInfo())  # type: ignore[arg-type]
+    return tmp_path / "run"
+
+
+def test_adapter_of_an_hf_base_loads_with_auto_peft_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    peft = pytest.importorskip("peft")
+    base_model(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_dir = lora_export(tmp_path, "base")  # a relative path, as a recipe may write it
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert not (run_dir / "adapter" / "README.md").exists()
+    monkeypatch.chdir(run_dir)  # the recorded base loads from another working directory
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "adapter"), dtype=torch.float32).eval()
+    input_ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits = adapted(input_ids).logits
+    assert (logits - hf_logits(run_dir / "final", input_ids)).abs().max() < 1e-4
+    assert (logits - hf_logits(tmp_path / "base", input_ids)).abs().max() > 1e-3
+
+
+def test_adapter_of_a_gguf_base_says_how_to_attach_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import alignkit.checkpoint
+
+    base_model(tmp_path)
+    gguf = tmp_path / "model.gguf"  # the base the run "loaded": the name is all that export looks at
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(alignkit.checkpoint, "find_local_model", lambda name: gguf)
+    with caplog.at_level("INFO", logger="alignkit"):
+        run_dir = lora_export(tmp_path, "smollm2-135m-instruct")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"  # what the user named, not a cache path
+    readme = (run_dir / "adapter" / "README.md").read_text()
+    for text in ("peft cannot load as a base", "alignkit convert smollm2-135m-instruct base-hf",
+                 f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base-hf"), "{run_dir / "adapter"}")',
+                 f"{run_dir / 'final'} holds the model with the adapter merged in"):
+        assert text in readme and text in caplog.text
+    assert "a GGUF file" in lora_export_note(tmp_path, str(gguf))
+
+
+def lora_export_note(tmp_path: Path, base: str) -> str:
+    from alignkit.trainers.stage import adapter_base
+
+    recorded, note = adapter_base(base, tmp_path / "adapter", merged=tmp_path / "final")
+    assert recorded == base and note is not None
+    return note
+
+
+def test_lora_finish_line_names_the_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from alignkit.cli import main
+
+    recipe, overrides = small_sft(tmp_path, ["data.eval=null", "data.eval_size=8", "train.max_steps=1",
+                                             "lora.enabled=true", "lora.rank=2"])
+    assert main(["train", "sft", "--config", str(recipe), *overrides]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("Run finished (eval loss ") and f"LoRA adapter (peft format) in {tmp_path / 'run' / 'adapter'}, " \
+        "metrics in" in line, line
