@@ -61,7 +61,7 @@ def test_quoted_override_is_a_string_and_none_is_not_null() -> None:
     assert load_config(SFTConfig, None, ["tokenizer='null'"]).tokenizer == "null"
     assert load_config(SFTConfig, None, ['data.train="~"']).data.train == "~"
     assert load_config(SFTConfig, None, ["data.train=null.jsonl"]).data.train == "null.jsonl"
-    with pytest.raises(ConfigError, match=r"data\.train must be str; got None"):
+    with pytest.raises(ConfigError, match=r"data\.train must be str \| list\[str\]; got None"):
         load_config(SFTConfig, None, ["data.train=null"])
     with pytest.raises(ConfigError, match=r"train\.max_steps must be int \| None; got 'None' \(str\) \(None is written null\)"):
         load_config(SFTConfig, None, ["train.max_steps=None"])

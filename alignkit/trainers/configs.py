@@ -140,8 +140,19 @@ class EvalSection:
     max_new_tokens: int = 32
     # Questions decoded together.
     batch_size: int = 64
+    # Few-shot multiple-choice tasks to track, as `alignkit eval` scores them (a name from the shared data's
+    # icl_eval folder, or a JSONL path): the log-likelihood of each choice after icl_shots solved examples, logged
+    # as eval/<task>/acc (and acc_norm). What a domain-adaptation run watches for the general ability it may lose.
+    icl_tasks: list[str] = field(default_factory=list)
+    # Solved examples before each question (the first icl_shots records of the file, never scored).
+    icl_shots: int = 5
+    # Records scored per task at each evaluation (after the shot pool); null: all of them.
+    icl_limit: int | None = 200
 
     def __post_init__(self) -> None:
+        if self.icl_shots < 0 or (self.icl_limit is not None and self.icl_limit < 1):
+            raise ConfigError(f"eval.icl_shots must be >= 0 and eval.icl_limit >= 1 (or null); got {self.icl_shots} "
+                              f"and {self.icl_limit}.")
         if self.check.startswith("rm:"):
             raise ConfigError(f"eval.check is {self.check!r}; it checks answers against the records' `answer`, so it "
                               "must be a checker (accuracy, arithmetic, module:function), not a reward model.")
@@ -190,8 +201,13 @@ class PretrainConfig(StageConfig):
 
     data: DataSection = field(default_factory=lambda: DataSection(format="text", truncation="split", packing=True))
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, weight_decay=0.1, warmup_steps=10))
+    # Capabilities tracked at every evaluation next to the held-out loss (checked answers, few-shot tasks).
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 @dataclass
 class SFTConfig(ChatStageConfig):
     """Supervised fine-tuning on instruction or chat data; the loss covers assistant tokens only."""
+
+    # Capabilities tracked at every evaluation next to the held-out loss (checked answers, few-shot tasks).
+    eval: EvalSection = field(default_factory=EvalSection)
