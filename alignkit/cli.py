@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
+import os
 import sys
 
 from alignkit.errors import UserError
@@ -23,7 +25,6 @@ COMMANDS: dict[str, str] = {
     "eval": "alignkit.eval.cli",
     "winrate": "alignkit.eval.cli",
     "serve": "alignkit.serve.server",
-    "chat": "alignkit.serve.chat",
 }
 
 
@@ -79,11 +80,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at interpreter exit
     except (UserError, FileNotFoundError) as e:
         # Errors raised for bad user input carry full sentences; print them without a traceback.
         print(f"alignkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`alignkit info ... | head`): stop quietly, as a command killed by SIGPIPE does.
+        _silence_stdout()
+        return SIGPIPE_EXIT
     return int(result or 0)
+
+
+# What a shell reports for a command killed by SIGPIPE (128 + 13).
+SIGPIPE_EXIT = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at interpreter exit does not raise BrokenPipeError again (the
+    recipe of Python's `signal` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a file descriptor (captured in a test): there is nothing left to flush
 
 
 if __name__ == "__main__":

@@ -103,3 +103,38 @@ def test_convert_real_gguf_loads_in_transformers(
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `alignkit info model | head -1`: the reader is gone before the output is written. The command stops quietly
+    # with the shell's SIGPIPE status instead of a BrokenPipeError traceback (at its flush or at interpreter exit).
+    import os
+    import subprocess
+    import sys
+
+    from alignkit.cli import SIGPIPE_EXIT
+
+    save_hf_model(make_model(tiny_config()), tmp_path / "hf")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from alignkit.cli import main; "
+                             f"sys.exit(main(['info', {str(tmp_path / 'hf')!r}]))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has written anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == SIGPIPE_EXIT, stderr
+    assert stderr == "", stderr
+
+
+def test_info_prints_normally_to_an_open_pipe(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    save_hf_model(make_model(tiny_config()), tmp_path / "hf")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignkit.cli", "info", str(tmp_path / "hf")], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and "(matches the stored tensors)" in done.stdout, done.stderr
