@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.data.readers import read_jsonl
 from alignkit.errors import DataError
-from alignkit.report.summary import column_header, column_meanings
+from alignkit.report.summary import MODEL_COLUMN, column_header, column_meanings
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -253,7 +253,7 @@ def _evaluation_table(summary: StageSummary) -> list[str]:
             cells.append(_fmt(_num(row.get(key)), spec))
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     lines += ["", "What the columns mean (accuracies and shares are fractions from 0 to 1; \"-\": the model has no "
-              "such number):", "", "- **model**: the stage whose final model was evaluated.", *column_meanings(keys)]
+              "such number):", "", MODEL_COLUMN, *column_meanings(keys)]
     return lines
 
 

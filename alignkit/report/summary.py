@@ -48,6 +48,8 @@ EVALUATION_COLUMNS: dict[str, tuple[str, str]] = {
     "num_pairs": ("pairs", "number of held-out preference pairs scored"),
     "eval_s": ("eval time (s)", "seconds this model's evaluation took"),
 }
+# The first column of both tables, in words.
+MODEL_COLUMN = "- **model**: the stage whose final model was evaluated (a reward model has only pair numbers)."
 # The summary table's columns, in order; a model without a value (a reward model has no task accuracy) gets "-".
 SUMMARY_KEYS = ("accuracy/heldout", "accuracy/heldout_sampled", "wrong_operation/heldout_sampled",
                 "accuracy/train_pairs", "accuracy/heldout_plain_text", "accuracy/preference_heldout", "eval/loss")
@@ -114,7 +116,7 @@ def summary_section(rows: dict[str, dict[str, Any]], *, compare: tuple[str, str]
         cells = [f"{row[key]:.3f}" if row.get(key) is not None else "-" for key, _ in SUMMARY_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "What the columns mean (accuracies and shares are fractions from 0 to 1; "
-              "\"-\": the model has no such number):", "", *column_meanings(SUMMARY_KEYS), ""]
+              "\"-\": the model has no such number):", "", MODEL_COLUMN, *column_meanings(SUMMARY_KEYS), ""]
     compared = comparison(rows, *compare)
     if compared:
         lines += [f"{compare[0]} against {compare[1]}:", "", *[f"- {line}" for line in compared], ""]
