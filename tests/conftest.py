@@ -78,3 +78,17 @@ def quickstart_fast_run(tmp_path_factory: pytest.TempPathFactory) -> QuickstartR
     with contextlib.redirect_stdout(printed):
         assert main(["quickstart", "--fast", "--output", str(out)]) == 0
     return QuickstartRun(out, printed.getvalue())
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-manual", action="store_true",
+                     help="also run the `manual` tests: true long runs such as full recipes (hours on a CPU)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-manual"):
+        return
+    skip = pytest.mark.skip(reason="a true long run: pass --run-manual to run it")
+    for item in items:
+        if "manual" in item.keywords:
+            item.add_marker(skip)
