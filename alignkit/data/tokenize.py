@@ -128,6 +128,7 @@ def tokenize_dataset(
     source: str = "",
     text_field: str = "text",
     stats: dict[str, int] | None = None,
+    skip_invalid: bool = False,
 ) -> list[TokenizedExample]:
     """Tokenize SFT / pretraining records into examples of at most max_length tokens.
 
@@ -137,7 +138,10 @@ def tokenize_dataset(
         "error" raise naming the record and its length; "drop" skip it; "split" (text only) cut a long
         document into consecutive max_length chunks. None: "split" for raw text (every pretraining pipeline
         chunks documents; discarding the rest of a document takes an explicit "right"), "right" otherwise.
-    stats: an optional dict that receives counts: examples, truncated, dropped_too_long, dropped_no_targets.
+    stats: an optional dict that receives counts: examples, truncated, dropped_too_long, dropped_no_targets,
+        dropped_invalid.
+    skip_invalid: skip (and count) the records of a chat / instruction format that fail validation (an empty
+        answer, a missing key) instead of stopping at the first with a DataError naming it.
     Examples left without any target token (a prompt that fills max_length under "right") are dropped and counted.
     """
     if format not in SFT_FORMATS:
@@ -159,7 +163,8 @@ def tokenize_dataset(
         truncation = "split" if format == "text" else "right"
     if truncation == "split" and format != "text":
         raise ConfigError(f"truncation 'split' only applies to format 'text', not {format!r}; use 'right' or 'left'.")
-    counts = {"examples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_targets": 0}
+    counts = {"examples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_targets": 0, "dropped_invalid": 0}
+    first_invalid = ""
     bos_id = tokenizer.bos_token_id
     examples: list[TokenizedExample] = []
     text_ids: list[list[int]] = []
@@ -178,7 +183,14 @@ def tokenize_dataset(
                 ids.append(tokenizer.eos_token_id)
             mask = [False] + [True] * (len(ids) - 1)
         else:
-            messages = _record_messages(record, format, index=index, source=source)
+            try:
+                messages = _record_messages(record, format, index=index, source=source)
+            except DataError as e:
+                if not skip_invalid:
+                    raise DataError(f"{e} (data.skip_invalid=true skips such records, counted in the log)") from None
+                counts["dropped_invalid"] += 1
+                first_invalid = first_invalid or str(e)
+                continue
             encoding = tokenizer.apply_chat_template(messages)
             ids, mask = list(encoding.input_ids), [bool(m) for m in encoding.assistant_mask]
             message_index = list(encoding.message_index)
@@ -213,6 +225,9 @@ def tokenize_dataset(
             continue
         examples.append(TokenizedExample(ids, mask))
     counts["examples"] = len(examples)
+    if counts["dropped_invalid"]:
+        logger.warning("%s: skipped %d invalid records (data.skip_invalid); the first: %s", source or "dataset",
+                       counts["dropped_invalid"], first_invalid)
     dropped = counts["dropped_too_long"] + counts["dropped_no_targets"]
     if counts["truncated"] or dropped:
         logger.warning(

@@ -76,6 +76,9 @@ class DataSection:
     limit: int | None = None
     # Field that holds the document in text records.
     text_field: str = "text"
+    # Skip chat / instruction records that fail validation (an empty answer, a missing key; counted in the log)
+    # instead of stopping at the first one. Real datasets hold a few: Code Alpaca has 2 empty outputs in 2,017.
+    skip_invalid: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str) and self.train.startswith("[") and self.train.endswith("]"):

@@ -41,7 +41,7 @@ def load_examples(
     if not data.train:
         raise ConfigError("data.train is empty; set it to a dataset file, folder or hub name.")
     kwargs = dict(format=format or data.format, max_length=data.max_length, truncation=data.truncation,
-                  text_field=data.text_field)
+                  text_field=data.text_field, skip_invalid=data.skip_invalid)
     sources = [tokenize_dataset(read_records(source, data), tokenizer, source=source, **kwargs)  # type: ignore[arg-type]
                for source in data.sources]
     if data.eval:

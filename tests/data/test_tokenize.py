@@ -273,3 +273,21 @@ def test_real_alpaca_tokenizes(shared_data: Path) -> None:
     for ex, record in zip(examples, records):
         targets = tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m], skip_special_tokens=False)
         assert targets == record["output"].strip() + "<|eot_id|>"  # the Llama 3 template trims content
+
+
+def test_invalid_records_stop_the_load_or_are_skipped_and_counted() -> None:
+    from alignkit.errors import DataError
+    from alignkit.trainers.common import load_tokenizer
+
+    tokenizer = load_tokenizer("byte")
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "  "},
+               {"instruction": "d", "output": "e"}]
+    with pytest.raises(DataError, match=r"record 1 of x.json: 'output' is empty.*data.skip_invalid=true"):
+        tokenize_dataset(records, tokenizer, format="instruction", max_length=64, source="x.json")
+    stats: dict[str, int] = {}
+    kept = tokenize_dataset(records, tokenizer, format="instruction", max_length=64, source="x.json", stats=stats,
+                            skip_invalid=True)
+    assert len(kept) == 2 and stats["dropped_invalid"] == 1
+    assert [tokenizer.decode(e.input_ids) for e in kept] == [
+        tokenizer.decode(e.input_ids)
+        for e in tokenize_dataset([records[0], records[2]], tokenizer, format="instruction", max_length=64)]
