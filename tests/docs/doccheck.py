@@ -51,6 +51,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -239,6 +240,8 @@ def _block_items(lang: str, body: str, source: str, line: int, directives: list[
     if lang == "python":
         return [Item("python", body, where, mode, reason, smoke, needs, stdin)]
     if not is_command_block(lang, body):
+        if mode == "skip":
+            return [Item("command", body.strip(), where, mode, reason)]
         if directives:
             raise ValueError(f"{where}: doctest directive before a block that is neither commands nor Python")
         return []
@@ -435,11 +438,16 @@ def check_inline(text: str, cwd: Path) -> tuple[str, str]:
     names = _subcommands(parser)
     if not words or words[0] not in names:
         return "failed", f"`alignkit {words[0] if words else ''}` is not a command (known: {', '.join(sorted(names))})"
-    if len(words) >= 2 and words[0] == "train" and not words[1].startswith("-") and "<" not in words[1]:
-        stages = _subcommands(names["train"])
-        if words[1] not in stages:
-            return "failed", f"`alignkit train {words[1]}` is not a stage (known: {', '.join(sorted(stages))})"
-    if placeholder or len(words) == 1 or (words[0] == "train" and len(words) == 2):
+    # Walk the sub-commands the span names (`train sft`, `tokenizer train`): a span of names only mentions them.
+    sub, depth = names[words[0]], 1
+    while depth < len(words) and (subs := _subcommands(sub)):
+        if words[depth].startswith("-") or "<" in words[depth]:
+            break
+        if words[depth] not in subs:
+            return "failed", (f"`alignkit {' '.join(words[:depth + 1])}` is not a command "
+                              f"(known: {', '.join(sorted(subs))})")
+        sub, depth = subs[words[depth]], depth + 1
+    if placeholder or depth == len(words):
         return "manual", "names a command"
     error = check_alignkit_args(words, cwd, elided=elided)
     return ("failed", error) if error else ("manual", "parsed")
@@ -566,7 +574,11 @@ class PageRunner:
         self.workdir = workdir
         self.quickstart = quickstart
         self.timeout_s = timeout_s
-        self.namespace: dict[str, Any] = {"__name__": "__doc__"}
+        # The page's snippets run as one module (registered, so dataclasses and pickling find it) that is not
+        # __main__: a snippet's `if __name__ == "__main__":` block stays a program to run by hand.
+        module = types.ModuleType(f"doccheck_page_{id(self)}")
+        sys.modules[module.__name__] = module
+        self.namespace: dict[str, Any] = module.__dict__
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), self.env.get("PYTHONPATH")]))
         self.env.setdefault("OMP_NUM_THREADS", "1")
@@ -581,8 +593,12 @@ class PageRunner:
             # Loading a recipe only expands the variable; a run that reads data is skipped before it starts.
             self.env.setdefault("ALIGNKIT_SHARED_DATA", str(data))
         for name in ("recipes", "bench", "examples"):
+            # A real folder of links to the files, so a page may add its own (`cp recipes/a.yaml recipes/b.yaml`)
+            # without writing into the repository.
             if link and (REPO_ROOT / name).is_dir() and not (workdir / name).exists():
-                (workdir / name).symlink_to(REPO_ROOT / name)
+                (workdir / name).mkdir()
+                for path in (REPO_ROOT / name).iterdir():
+                    (workdir / name / path.name).symlink_to(path)
         self.last_output: str | None = None
 
     def run_all(self, items: list[Item]) -> list[Outcome]:
