@@ -139,7 +139,7 @@ _NO_OP_FIELDS: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: v == [],
 }
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream",
-                  "stream_options", "user", "top_k", "min_p", "repetition_penalty"}
+                  "stream_options", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 
@@ -201,6 +201,8 @@ def _sampling(body: dict[str, Any], limits: ServerLimits, prompt_length: int, ma
     top_k = _integer(body, "top_k", low=0)
     seed = _integer(body, "seed", low=0, high=2**63 - 1)
     n = _integer(body, "n", low=1)
+    # vLLM's extension: decode exactly max_tokens (benchmarks need equal lengths); stop strings still apply.
+    ignore_eos = bool(_boolean(body, "ignore_eos"))
     if n is not None and n > limits.max_n:
         raise invalid(f"'n' is {n}, but this server decodes at most {limits.max_n} sequences per request "
                       "(its --max-batch-size); lower 'n'.", "n")
@@ -212,7 +214,7 @@ def _sampling(body: dict[str, Any], limits: ServerLimits, prompt_length: int, ma
             top_p=1.0 if top_p is None else top_p,
             top_k=top_k or 0, min_p=min_p or 0.0,
             repetition_penalty=1.0 if penalty is None else penalty,
-            n=n or 1, seed=seed, stop_strings=_stop(body),
+            n=n or 1, seed=seed, stop_strings=_stop(body), stop_token_ids=[] if ignore_eos else None,
         )
     except ConfigError as e:  # a combination the field checks above let through
         raise invalid(str(e)) from None

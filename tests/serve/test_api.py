@@ -151,3 +151,13 @@ def test_stop_string_and_max_tokens(setup: tuple) -> None:
                                                      "temperature": 0}).json()
     tokens = body["usage"]["completion_tokens"]
     assert tokens <= 3 and (tokens == 3) == (body["choices"][0]["finish_reason"] == "length")
+
+
+def test_ignore_eos_decodes_exactly_max_tokens(setup: tuple) -> None:
+    client, model, tokenizer = setup
+    ids = chat_ids(tokenizer, MESSAGES)
+    [free] = reference(model, tokenizer, ids, max_new_tokens=40, temperature=0, stop_token_ids=[])
+    body = client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 40,
+                                                     "temperature": 0, "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] == 40 and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == free.text
