@@ -198,10 +198,6 @@ class RunningBatch:
             session, self._session = self._session, None
             session.close()
 
-    @property
-    def is_open(self) -> bool:
-        return self._session is not None
-
     # ------------------------------------------------------------------ joining
 
     def admit(self, requests: list[Request]) -> None:

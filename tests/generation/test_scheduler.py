@@ -252,3 +252,21 @@ def test_model_is_restored_when_idle_and_adds_from_another_thread() -> None:
     assert not any({"forward", "project_qkv"} & set(vars(m)) for m in model.modules())  # packing undone
     expected = generate(model, prompts, params)
     assert [samples[(i, 0)].tokens for i in ids] == [c.token_ids for c in expected]
+
+
+def test_cancel_during_a_step_drops_that_steps_events() -> None:
+    """`cancel` from another thread can land while `step()` runs: that step returns no events for the request."""
+    model = make(tiny_config())
+    scheduler = Scheduler(model, None, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[])
+    kept, cancelled = scheduler.add([1, 2, 3], params), scheduler.add([4, 5], params)
+    samples: dict[tuple[int, int], Sample] = {}
+    collect(scheduler.step(), samples)
+    # The cancel arrives inside the next step's decode forward, after that step sampled its tokens.
+    handle = model.register_forward_pre_hook(lambda module, args: scheduler.cancel(cancelled))
+    events = scheduler.step()
+    handle.remove()
+    assert [e.request_id for e in events] == [kept]
+    collect(events, samples)
+    collect(scheduler.step(), samples)
+    assert len(samples[(cancelled, 0)].tokens) == 1 and len(samples[(kept, 0)].tokens) == 3
