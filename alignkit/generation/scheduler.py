@@ -20,6 +20,7 @@ whatever else shares the batch.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -58,15 +59,23 @@ class Scheduler:
 
     def __init__(
         self, model: LlamaForCausalLM, tokenizer: Tokenizer | None, *, max_batch_size: int = 8,
-        pack_weights: bool = True,
+        pack_weights: bool = True, release_when_idle: bool = True,
     ) -> None:
+        """`pack_weights`: decode on CPU with pre-packed oneDNN weights (`alignkit.generation.packed`), a copy of
+        the linear weights held while the scheduler is busy. `release_when_idle`: unpack them and restore the
+        model's train/eval mode whenever no request is waiting or running, so a model trained between uses is never
+        decoded with stale packed weights; False keeps them until `close()` (a server or chat that owns the model
+        then does not pay the packing again for every request after an idle moment)."""
         if max_batch_size < 1:
             raise ConfigError(f"Scheduler max_batch_size = {max_batch_size} must be >= 1.")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.pack_weights = pack_weights
+        self.release_when_idle = release_when_idle
         self._batch = RunningBatch(model)
+        # Restore the model even when the scheduler is dropped without close() (the callback holds the batch only).
+        weakref.finalize(self, self._batch.close)
         self._lock = threading.Lock()  # guards _waiting, _cancelled and _next_id (add/cancel from other threads)
         self._waiting: deque[Request] = deque()
         self._cancelled: set[int] = set()
@@ -133,9 +142,23 @@ class Scheduler:
         with self._lock:
             if self._cancelled:  # cancelled while this step ran
                 events = [e for e in events if e.request_id not in self._cancelled]
-            if not batch.rows and not self._waiting:
+            if self.release_when_idle and not batch.rows and not self._waiting:
                 batch.close()  # idle: unpack the weights and restore the model's mode until the next request
         return events
+
+    def close(self) -> None:
+        """Drop every waiting and running request, unpack the weights and restore the model's mode. Call it from
+        the thread that calls `step()` (or when no step runs); the scheduler takes new requests afterwards."""
+        with self._lock:
+            self._waiting.clear()
+            self._cancelled.clear()
+        self._batch.close()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _event(self, row: Row) -> TokenEvent:
         return TokenEvent(

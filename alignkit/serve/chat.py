@@ -80,7 +80,16 @@ def chat(
     as it stands at the end."""
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
-    scheduler = Scheduler(model, tokenizer, max_batch_size=1)
+    # The weights stay packed between answers: the chat owns the model, and repacking would delay every answer.
+    with Scheduler(model, tokenizer, max_batch_size=1, release_when_idle=False) as scheduler:
+        _converse(scheduler, model, tokenizer, params, messages, start, stdin, stdout, stderr)
+    return messages
+
+
+def _converse(scheduler: Scheduler, model: LlamaForCausalLM, tokenizer: Tokenizer, params: SamplingParams,
+              messages: list[dict[str, str]], start: list[dict[str, str]], stdin: TextIO, stdout: TextIO,
+              stderr: TextIO) -> None:
+    """The read-answer loop of `chat`; updates `messages` in place."""
     interactive = stdin.isatty()
     turn = 0
     while True:
@@ -95,7 +104,7 @@ def chat(
         if command == "/exit":
             break
         if command == "/reset":
-            messages = list(start)
+            messages[:] = start
             stderr.write("(conversation cleared)\n")
             continue
         if not command:
@@ -109,7 +118,6 @@ def chat(
         reply = stream_reply(scheduler, prompt, turn_params, stdout, stderr)
         messages.append({"role": "assistant", "content": reply})
         turn += 1
-    return messages
 
 
 def _fit_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int, keep: int,

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from alignkit.errors import UserError
 from alignkit.generation import SamplingParams, generate
+from alignkit.generation.packed import packing_available
 from alignkit.generation.scheduler import Scheduler, TokenEvent, held_back
 from alignkit.model import LlamaForCausalLM
 from alignkit.tokenizer import Tokenizer
@@ -270,3 +271,19 @@ def test_cancel_during_a_step_drops_that_steps_events() -> None:
     collect(events, samples)
     collect(scheduler.step(), samples)
     assert len(samples[(cancelled, 0)].tokens) == 1 and len(samples[(kept, 0)].tokens) == 3
+
+
+def test_release_when_idle_false_keeps_the_session_until_close() -> None:
+    """A server or chat keeps the packed weights between requests (no repacking after every idle moment); close()
+    restores the model."""
+    model = make(tiny_config()).train()
+    params = SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[])
+    expected = generate(model, [[1, 2, 3]], params)[0].token_ids
+    packed = packing_available()
+    with Scheduler(model, None, max_batch_size=2, release_when_idle=False) as scheduler:
+        for _ in range(2):
+            samples, ids = run(scheduler, {0: [([1, 2, 3], params)]})
+            assert samples[(ids[0], 0)].tokens == expected
+            assert not scheduler.has_work() and not model.training  # idle, still in the session
+            assert ("forward" in vars(model.lm_head)) == packed
+    assert model.training and "forward" not in vars(model.lm_head)
