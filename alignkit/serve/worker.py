@@ -139,7 +139,7 @@ class BatchWorker:
                 while not (self._inbox or self._cancels or busy or self._closed):
                     self._cond.wait()
                 if self._closed:
-                    return
+                    break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
                 for handle in inbox:
@@ -168,6 +168,10 @@ class BatchWorker:
             if busy:
                 self._step()
                 busy = self.scheduler.has_work()
+        # Stopped: the scheduler unpacks its weights and restores the model (from this thread, which owns it).
+        close = getattr(self.scheduler, "close", None)
+        if close is not None:
+            close()
 
     def _step(self) -> None:
         try:
