@@ -713,7 +713,10 @@ class PageRunner:
                 time.sleep(0.5)
             else:
                 return Outcome(item, "failed", f"the server did not listen on port {port} in {self.timeout_s}s")
-            body = json.dumps({"model": "default", "max_tokens": 8,
+            # The model's name as the server lists it (--served-model-name, else the model's own).
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=self.timeout_s) as response:
+                name = json.loads(response.read())["data"][0]["id"]
+            body = json.dumps({"model": name, "max_tokens": 8,
                                "messages": [{"role": "user", "content": "Hello"}]}).encode()
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
                                              headers={"Content-Type": "application/json"})
