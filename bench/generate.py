@@ -13,8 +13,9 @@ columns are that side's alone (on CUDA also `torch.cuda.max_memory_allocated`; t
 (one new token), divided by new_tokens - 1.
 
 "floor ms" is the memory-bound floor of a decode step, probed in the same process: the time to read every weight
-of the loaded model once in the run's dtype (a float32-accumulated sum over each parameter, best of 5; a decode step
-must at least stream all the weights through the cores). "x floor" is the decode step as a multiple of it.
+of the loaded model once in the run's dtype (its weight bytes over the read bandwidth of a float32 sum across a
+512 MiB buffer, best of 5; a decode step must at least stream all the weights through the cores). "x floor" is the
+decode step as a multiple of it.
 """
 
 from __future__ import annotations
@@ -150,20 +151,23 @@ def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]]
 
 
 def weight_read_ms(model: Any, device: str, repeats: int = 5) -> float:
-    """Best time to read every parameter once (a sum per tensor, accumulated in fp32): a decode step's floor."""
+    """A decode step's memory-bound floor: the model's weight bytes (in the run's dtype) over the memory read
+    bandwidth, measured here with a float32 sum over a 512 MiB buffer (best of `repeats`). A reduction in the
+    weights' own dtype is no probe: torch's bf16 sums run far below memory speed on a CPU."""
     import torch
 
-    params = [p.detach() for p in model.parameters()]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer = torch.ones(2**27, device=device)  # 512 MiB: far beyond any cache
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
-            for p in params:
-                torch.sum(p, dtype=torch.float32)
+            buffer.sum()
             synchronize(device)
             best = min(best, time.perf_counter() - start)
-    return 1000 * best
+    bandwidth = buffer.numel() * buffer.element_size() / best  # bytes per second
+    return 1000 * weight_bytes / bandwidth
 
 
 def measure(run: Any, new_tokens: int, runs: int, device: str) -> dict[str, Any]:
