@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from alignkit.checkpoint.files import save_safetensors
 from alignkit.errors import CheckpointError, ConfigError
 from alignkit.model.config import CAUSAL_LM_ARCHITECTURES, SCORE_ARCHITECTURES, ModelConfig
 from alignkit.model.llama import LlamaForCausalLM, LlamaForScore, LlamaModel
@@ -387,12 +387,12 @@ def save_hf_model(
         shards = _shard(tensors, max_shard_bytes)
         metadata = {"format": "pt"}  # transformers checks this key
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
+            save_safetensors(shards[0], tmp / WEIGHTS_NAME, metadata=metadata)
         else:
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(shards, start=1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=metadata)
+                save_safetensors(shard, tmp / name, metadata=metadata)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from alignkit.errors import CheckpointError, ConfigError
@@ -365,9 +365,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, base_mo
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    from alignkit.checkpoint.files import honour_umask, save_safetensors
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        honour_umask(tmp)  # mkdtemp's 0700 would become the adapter folder's mode
+        save_safetensors(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not target.exists():
             os.replace(tmp, target)

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from alignkit.checkpoint.files import save_safetensors
 from alignkit.data import SharedPromptBatch
 from alignkit.data.pairs import PairItem, PairMicroBatch, collate_pairs, count_pairs
 from alignkit.engine import DistInfo, Frozen, Models, autocast
@@ -188,7 +188,7 @@ def precompute_reference(
         tensors[f"{name}/rejected"] = torch.tensor([values[i][1] for i in range(len(items))], dtype=torch.float32)
     reference.model.train(was_training)
     if info.is_main:
-        save_file(tensors, str(path), metadata=fingerprints)
+        save_safetensors(tensors, path, metadata=fingerprints)
     dist.barrier()
     return False
 

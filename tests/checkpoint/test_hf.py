@@ -180,7 +180,7 @@ def test_failed_save_leaves_previous_model_intact(tmp_path: Path, monkeypatch: p
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_module, "save_file", fail)
+    monkeypatch.setattr(hf_module, "save_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         save_hf_model(make_model(tiny_config()), tmp_path / "m")
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
