@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from typing import Any
@@ -21,7 +22,7 @@ def add_generate_command(subparsers: Any) -> None:
         "generate",
         help="generate text from a model (HF directory, .gguf file or alignkit run)",
         description="Generate completions for one prompt. Only the completion text goes to stdout (one per "
-        "sample, separated by a blank line); loading messages go to stderr.",
+        "sample, separated by a blank line; --json for one JSON object per line); loading messages go to stderr.",
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -31,6 +32,9 @@ def add_generate_command(subparsers: Any) -> None:
     add_sampling_arguments(parser, max_new_tokens=256, temperature=None,
                            temperature_help="0 is greedy decoding (default 0; 1 with --best-of)")
     parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per sample and line: text, finish_reason (stop or length), "
+                        "num_tokens (plain output separates samples by blank lines, which samples may contain)")
     best = parser.add_argument_group("best-of-n", "sample N answers, score each with --reward, print the best")
     best.add_argument("--best-of", type=int, default=None, metavar="N", help="samples to choose from")
     add_reward_arguments(best, required=False)
@@ -85,6 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args, n=args.best_of or args.n)
     import alignkit
 
+    refuse_reward_model(args.model)
     start = time.perf_counter()
     logger.info(f"loading {args.model} ({args.dtype}) ...")
     model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
@@ -109,8 +114,36 @@ def run_generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     num_tokens = sum(len(c.token_ids) for c in completions)
     logger.info(f"generated {num_tokens} tokens in {elapsed:.1f}s ({num_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
-    print("\n\n".join(c.text or "" for c in completions))
+    if args.json:
+        for c in completions:
+            print_json(c.text or "", c.finish_reason, len(c.token_ids))
+    else:
+        print("\n\n".join(c.text or "" for c in completions))
     return 0
+
+
+def print_json(text: str, finish_reason: str, num_tokens: int, **extra: Any) -> None:
+    """One sample as one line of JSON (newlines inside the text escaped)."""
+    print(json.dumps({"text": text, "finish_reason": finish_reason, "num_tokens": num_tokens, **extra},
+                     ensure_ascii=False))
+
+
+def refuse_reward_model(path: str) -> None:
+    """A reward model has a score head and no LM head: say where scoring happens before loading anything."""
+    from alignkit.checkpoint import resolve_model_path
+    from alignkit.checkpoint.hf import checkpoint_kind, read_hf_config
+
+    try:
+        resolved = resolve_model_path(path)
+    except CheckpointError:
+        return  # not a local model: loading reports it, or fetches a Hub name
+    if resolved.is_dir() and checkpoint_kind(read_hf_config(resolved)[1]) == "score":
+        raise CheckpointError(
+            f"{path} is a reward model (a score head, no language-model head): it scores responses and cannot "
+            f"generate text. Score a response with `alignkit score --model {path} --prompt TEXT --response TEXT` "
+            "(or --input records.jsonl); to generate, pass a language model, such as the SFT model the reward "
+            "model was trained from."
+        )
 
 
 def _print_best_of(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int], params: SamplingParams,
@@ -126,5 +159,9 @@ def _print_best_of(args: argparse.Namespace, model: Any, tokenizer: Any, prompt:
     samples = sample_and_select(model, tokenizer, [item], params, n=params.n, functions=functions, weights=weights)
     for i, sample in enumerate(samples):
         logger.info(f"sample {i}: reward {sample.reward:.4f}{'  <- best' if sample.kept else ''}")
-    print(next(s.completion for s in samples if s.kept))
+    best = next(s for s in samples if s.kept)
+    if args.json:
+        print_json(best.completion, best.finish_reason, best.num_tokens, reward=best.reward)
+    else:
+        print(best.completion)
     return 0
