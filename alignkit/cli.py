@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "eval": "alignkit.eval.cli",
     "winrate": "alignkit.eval.cli",
     "serve": "alignkit.serve.server",
+    "chat": "alignkit.serve.chat",
 }
 
 
