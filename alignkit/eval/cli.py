@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.errors import CheckpointError, ConfigError
+from alignkit.eval.generative import (
+    GenerationSettings,
+    GenerativeTask,
+    evaluate_generative_task,
+    is_generative,
+    load_generative_task,
+)
 from alignkit.eval.harness import check_shots, evaluate_task, markdown_table, prepare, write_outputs
 from alignkit.eval.tasks import FEWSHOT_DELIMITER, TARGET_DELIMITER, load_task
 from alignkit.model import DTYPES
@@ -25,10 +32,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,5; got {text!r}") from None
 
 
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def add_eval_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="few-shot multiple-choice and LAMBADA-style evaluation (lm-evaluation-harness metrics)",
+        help="few-shot multiple-choice, LAMBADA-style and generative (answer-checked) evaluation",
         description="Score each task's choices by their log-likelihood after a few-shot prompt and report acc, "
         "acc_norm (or LAMBADA's acc and perplexity) with standard errors for each shot count. The table goes to "
         "stdout; results.json, results.md, samples_<task>_<k>shot.jsonl and icl.png go to --output.",
@@ -53,6 +64,27 @@ def add_eval_command(subparsers: Any) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="the shared data folder that holds icl_eval/ (default: $ALIGNKIT_SHARED_DATA, "
                         "else ../shared/data)")
+    generative = parser.add_argument_group(
+        "generative tasks", "tasks of {question, answer} records (gsm8k, mawps_asdiv_a, multiarith, addsub, singleeq, "
+        "or a JSONL file): the model writes an answer and a checker scores it (docs/evaluation.md)")
+    generative.add_argument("--prompt-format", choices=["text", "chat"], default="text",
+                            help="text: 'Question: ...\\nAnswer: ...' shots and question as plain text (default); "
+                            "chat: the shots as earlier turns, through the model's chat template")
+    generative.add_argument("--check", default=None,
+                            help="answer checker: accuracy (the final number by value), arithmetic (the quickstart's "
+                            "'The answer is N') or module:function / file.py:function (a reward function scoring 1 "
+                            "for a right answer); default: accuracy")
+    generative.add_argument("--samples", type=int, default=1,
+                            help="samples per problem (default 1: greedy acc); more need --temperature > 0")
+    generative.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    generative.add_argument("--pass-k", type=_int_list, default=None,
+                            help="k values of pass@k when sampling, each at most --samples (default: 1 and --samples)")
+    generative.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per answer at most (default 256)")
+    generative.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    generative.add_argument("--stop", action="append", type=_unescape, default=[],
+                            help="a string that ends an answer, \\n and \\t read as newline and tab (repeatable; "
+                            "default for text prompts: a blank line and 'Question:'; the end of text or of the "
+                            "turn always stops)")
     parser.set_defaults(func=run_eval)
 
 
@@ -67,10 +99,22 @@ def run_eval(args: argparse.Namespace) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks is empty; give task names or JSONL paths, comma-separated.")
+    generation = GenerationSettings(
+        prompt_format=args.prompt_format, check=args.check, samples=args.samples, temperature=args.temperature,
+        pass_k=tuple(args.pass_k or ()), max_new_tokens=args.max_new_tokens, seed=args.seed,
+        stop=tuple(args.stop))
     # Every task file is read and checked before the model loads: a bad record fails in a second, not after it.
-    tasks = [load_task(name, args.data_dir) for name in names]
+    tasks: list[Any] = [load_generative_task(name, args.data_dir) if is_generative(name) else
+                        load_task(name, args.data_dir) for name in names]
     for task in tasks:
-        prepare(task, shots, shot_pool=args.shot_pool, limit=args.limit)
+        if isinstance(task, GenerativeTask):
+            task.prepare(shots, shot_pool=args.shot_pool, limit=args.limit)
+        else:
+            prepare(task, shots, shot_pool=args.shot_pool, limit=args.limit)
+    scored = [t.name for t in tasks if not isinstance(t, GenerativeTask)]
+    if args.prompt_format == "chat" and scored:
+        raise ConfigError(f"--prompt-format chat applies to generative tasks; {', '.join(scored)} are scored by "
+                          "log-likelihood as plain text. Evaluate them in a separate run without it.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     logger.info(f"loading {args.model} ({args.dtype}, {device}) ...")
@@ -82,6 +126,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     results = []
     for task in tasks:
+        if isinstance(task, GenerativeTask):
+            results += evaluate_generative_task(model, tokenizer, task, shots, generation, shot_pool=args.shot_pool,
+                                                limit=args.limit, batch_size=args.batch_size)
+            continue
         results += evaluate_task(model, tokenizer, task, shots, shot_pool=args.shot_pool, limit=args.limit,
                                  batch_size=args.batch_size)
     out = Path(args.output) if args.output else Path("runs") / "eval" / _model_name(args.model)
@@ -92,6 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
+    if len(scored) < len(tasks):
+        meta["generation"] = generation.describe({t.name: t.check for t in tasks if isinstance(t, GenerativeTask)})
     written = write_outputs(results, out, meta=meta)
     print(markdown_table(results), end="")
     logger.info(f"wrote {', '.join(written)} to {out}")

@@ -223,11 +223,14 @@ def icl_plot(results: Sequence[TaskResult], path: Path, *, metric: str = "acc", 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for task in dict.fromkeys(r.task for r in results):
-        points = sorted((r.shots, r.metrics[metric], r.metrics.get(f"{metric}_stderr", math.nan))
-                        for r in results if r.task == task and metric in r.metrics)
+        # A sampled generative task has no `acc` (greedy); its pass@1 is the accuracy of one sample.
+        name = metric if any(metric in r.metrics for r in results if r.task == task) else "pass@1"
+        points = sorted((r.shots, r.metrics[name], r.metrics.get(f"{name}_stderr", math.nan))
+                        for r in results if r.task == task and name in r.metrics)
         if points:
             xs, ys, errs = zip(*points)
-            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=3, label=task)
+            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=3,
+                        label=task if name == metric else f"{task} ({name})")
     shots = sorted({r.shots for r in results})
     ax.set_xticks(shots)
     ax.set_xlabel("shots in the prompt")

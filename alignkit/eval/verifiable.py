@@ -78,6 +78,37 @@ def _default_check(completion: str, reference: str) -> bool:
     return is_correct(completion, reference)
 
 
+def generate_and_check(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[str],
+    params: SamplingParams,
+    *,
+    check: Callable[[str, str], bool],
+    batch_size: int = 64,
+) -> list[list[tuple[str, bool]]]:
+    """`params.n` completions of every prompt (token ids), each checked with `check(completion, reference)`:
+    [(text, correct)] per prompt, in order.
+
+    Prompts go to `generate` `batch_size` at a time. Sampling: the chunk that starts at prompt `start` gets the
+    seed `params.seed + start`, so a run is reproducible whatever else ran before it.
+    """
+    checked: list[list[tuple[str, bool]]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk_params = params
+        if params.temperature > 0 and params.seed is not None:
+            chunk_params = dataclasses.replace(params, seed=params.seed + start)
+        completions = generate(model, prompts[start : start + batch_size], chunk_params, tokenizer=tokenizer)
+        for index, completion in enumerate(completions):
+            if index % params.n == 0:
+                checked.append([])
+            text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
+            reference = references[start + index // params.n]
+            checked[-1].append((text, bool(check(text, reference))))
+    return checked
+
+
 def verifiable_accuracy(
     model: LlamaForCausalLM,
     tokenizer: Tokenizer,
@@ -115,25 +146,18 @@ def verifiable_accuracy(
     n = samples_per_problem
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n,
                             stop_strings=None if chat else ["\n"], seed=seed if temperature > 0 else None)
+    if chat:
+        prompts = [tokenizer.apply_chat_template(p.prompt_messages(), add_generation_prompt=True).input_ids
+                   for p in problems]
+    else:
+        prompts = [tokenizer.encode(p.prompt_messages()[-1]["content"], add_special_tokens=True) for p in problems]
+    checked = generate_and_check(model, tokenizer, prompts, [p.reference for p in problems], params, check=check,
+                                 batch_size=batch_size)
     num_correct = 0
     counts = dict.fromkeys(tallies or {}, 0)
     examples: list[dict[str, Any]] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        if chat:
-            prompts = [
-                tokenizer.apply_chat_template(p.prompt_messages(), add_generation_prompt=True).input_ids
-                for p in chunk
-            ]
-        else:
-            prompts = [tokenizer.encode(p.prompt_messages()[-1]["content"], add_special_tokens=True) for p in chunk]
-        # Sampling: one generator per chunk, seeded by the chunk's start, so a run is reproducible.
-        chunk_params = dataclasses.replace(params, seed=seed + start) if temperature > 0 else params
-        completions = generate(model, prompts, chunk_params, tokenizer=tokenizer)
-        for index, completion in enumerate(completions):
-            problem = chunk[index // n]
-            text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
-            correct = bool(check(text, problem.reference))
+    for problem, samples in zip(problems, checked):
+        for text, correct in samples:
             num_correct += correct
             for name, tally in (tallies or {}).items():
                 counts[name] += bool(tally(text, problem))
