@@ -145,7 +145,7 @@ def _reference(raw: Any, where: str) -> tuple[str, str]:
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise DataError(f"{where}: 'answer' must be a string or a number; got {type(raw).__name__} {raw!r:.60}.")
     if isinstance(raw, str) and "####" in raw:
-        answer = extract_gsm8k_answer(raw)
+        answer = extract_gsm8k_answer(raw) if raw.rsplit("####", 1)[1].strip() else None
         if not answer:
             raise DataError(f"{where}: the answer has a '####' marker but no final answer after it.")
         return answer, raw.strip()
@@ -272,6 +272,8 @@ class GenerationSettings:
             if not 1 <= k <= self.samples:
                 raise ConfigError(f"pass@{k} needs at least {k} samples per problem, but --samples is "
                                   f"{self.samples}; ask for k between 1 and {self.samples}, or more samples.")
+        if self.check is not None:
+            load_check(self.check)  # a wrong name fails before the model loads
         if self.pass_k and self.is_greedy:
             raise ConfigError("--pass-k needs sampling (--samples N --temperature T > 0); greedy decoding reports "
                               "acc.")
