@@ -8,11 +8,11 @@ from alignkit.eval.loglikelihood import Score, encode_pairs, score_requests
 from alignkit.eval.perplexity import evaluate_loss
 from alignkit.eval.preference import preference_accuracy, reward_accuracy
 from alignkit.eval.task import evaluate_language_model, evaluate_reward_model
-from alignkit.eval.tasks import Task, load_task
+from alignkit.eval.tasks import Task, load_task, load_tasks
 from alignkit.eval.verifiable import verifiable_accuracy
 
 __all__ = [
-    "Score", "Task", "TaskResult", "encode_pairs", "evaluate_language_model", "evaluate_loss", "evaluate_reward_model",
-    "evaluate_task", "evaluate_tasks", "load_task", "preference_accuracy", "reward_accuracy", "score_requests",
-    "verifiable_accuracy", "write_outputs",
+    "Score", "Task", "TaskResult", "encode_pairs", "evaluate_language_model", "evaluate_loss",
+    "evaluate_reward_model", "evaluate_task", "evaluate_tasks", "load_task", "load_tasks", "preference_accuracy",
+    "reward_accuracy", "score_requests", "verifiable_accuracy", "write_outputs",
 ]

@@ -18,8 +18,15 @@ from alignkit.eval.generative import (
     is_generative,
     load_generative_task,
 )
-from alignkit.eval.harness import check_shots, evaluate_task, markdown_table, prepare, write_outputs
-from alignkit.eval.tasks import FEWSHOT_DELIMITER, TARGET_DELIMITER, load_task
+from alignkit.eval.harness import (
+    check_shots,
+    evaluate_task,
+    markdown_table,
+    prepare,
+    with_group_results,
+    write_outputs,
+)
+from alignkit.eval.tasks import FEWSHOT_DELIMITER, TARGET_DELIMITER, Task, load_tasks
 from alignkit.model import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -47,12 +54,14 @@ def add_eval_command(subparsers: Any) -> None:
     parser.add_argument("--model", required=True,
                         help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct")
     parser.add_argument("--tasks", required=True,
-                        help="comma-separated task names (files in <data>/icl_eval: arc_easy, boolq, ...) or "
-                        "JSONL paths")
+                        help="comma-separated task names (files in <data>/icl_eval: arc_easy, boolq, ...), "
+                        "JSONL paths, or MMLU from <data>/mmlu: mmlu (every subject's test split and their average), "
+                        "mmlu:val (the val split), mmlu_<subject> (one subject; :val too)")
     parser.add_argument("--shots", type=_int_list, default=[0],
                         help="comma-separated shot counts (default 0), e.g. 0,1,5")
     parser.add_argument("--limit", type=int, default=None,
-                        help="score only the first N records after the shot pool (default: all)")
+                        help="score only the first N records after the shot pool (default: all); MMLU: the first "
+                        "N questions of each subject")
     parser.add_argument("--shot-pool", type=int, default=None,
                         help="records at the head of each file kept as shots and never scored (default: the "
                         "largest shot count); fix it to compare runs with different --shots on the same records")
@@ -62,7 +71,7 @@ def add_eval_command(subparsers: Any) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--data-dir", default=None,
-                        help="the shared data folder that holds icl_eval/ (default: $ALIGNKIT_SHARED_DATA, "
+                        help="the shared data folder that holds icl_eval/ and mmlu/ (default: $ALIGNKIT_SHARED_DATA, "
                         "else ../shared/data)")
     generative = parser.add_argument_group(
         "generative tasks", "tasks of {question, answer} records (gsm8k, mawps_asdiv_a, multiarith, addsub, singleeq, "
@@ -104,8 +113,13 @@ def run_eval(args: argparse.Namespace) -> int:
         pass_k=tuple(args.pass_k or ()), max_new_tokens=args.max_new_tokens, seed=args.seed,
         stop=tuple(args.stop))
     # Every task file is read and checked before the model loads: a bad record fails in a second, not after it.
-    tasks: list[Any] = [load_generative_task(name, args.data_dir) if is_generative(name) else
-                        load_task(name, args.data_dir) for name in names]
+    tasks: list[Any] = [task for name in names for task in (
+        [load_generative_task(name, args.data_dir)] if is_generative(name) else load_tasks(name, args.data_dir))]
+    named = [t.name for t in tasks]
+    if len(set(named)) < len(named):
+        twice = sorted({name for name in named if named.count(name) > 1})
+        raise ConfigError(f"--tasks names {', '.join(twice)} more than once (mmlu includes every mmlu_<subject>); "
+                          "list each task once.")
     for task in tasks:
         if isinstance(task, GenerativeTask):
             task.prepare(shots, shot_pool=args.shot_pool, limit=args.limit)
@@ -132,6 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
             continue
         results += evaluate_task(model, tokenizer, task, shots, shot_pool=args.shot_pool, limit=args.limit,
                                  batch_size=args.batch_size)
+    results = with_group_results(results)  # MMLU's average over its subjects
     out = Path(args.output) if args.output else Path("runs") / "eval" / _model_name(args.model)
     meta = {
         "model": args.model, "dtype": args.dtype, "device": device, "shots": shots, "limit": args.limit,
@@ -140,6 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
+    meta["tasks"].update({t.name: t.describe() for t in tasks if isinstance(t, Task)})  # MMLU: dev file, group
     if len(scored) < len(tasks):
         meta["generation"] = generation.describe({t.name: t.check for t in tasks if isinstance(t, GenerativeTask)})
     written = write_outputs(results, out, meta=meta)

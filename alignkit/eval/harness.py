@@ -9,9 +9,14 @@ write_outputs(results, "runs/eval/smollm2", meta={"model": "smollm2-135m-instruc
 Every shot count of a task scores the same records (those after the shot pool), so the points of an in-context
 learning curve differ only in the number of examples in the prompt.
 
+Tasks of a group (MMLU's subjects, `alignkit.eval.mmlu`) also get the group's result at each shot count
+(`with_group_results`): `acc`, the macro average over its tasks, and `acc_micro`, the average over all their items
+(lm-evaluation-harness's size-weighted group score).
+
 Outputs: `results.json` (every task, shot count, metric, standard error and n), `samples_<task>_<k>shot.jsonl`
 (one record per item: prompt, choices, log-likelihoods, prediction, gold), `results.md` (the markdown table) and
-`icl.png` (accuracy against shots, one line per task; when matplotlib is installed).
+`icl.png` (accuracy against shots, one line per task, a group's line instead of its tasks'; when matplotlib is
+installed).
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import ConfigError
 from alignkit.eval.loglikelihood import encode_pairs, score_requests
-from alignkit.eval.metrics import choice_predictions, mean_stderr, perplexity
+from alignkit.eval.metrics import (
+    choice_predictions,
+    macro_mean_stderr,
+    mean_stderr,
+    perplexity,
+    pooled_stderr,
+)
 from alignkit.eval.tasks import Doc, Task, build_requests, fewshot_prefix
 
 if TYPE_CHECKING:
@@ -40,7 +51,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TaskResult:
-    """One task at one shot count: metric -> value, metric_stderr -> its standard error, and the samples."""
+    """One task at one shot count: metric -> value, metric_stderr -> its standard error, and the samples.
+
+    A group's result (`group_results`) lists its tasks in `subtasks` and has no samples of its own.
+    """
 
     task: str
     shots: int
@@ -48,6 +62,8 @@ class TaskResult:
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
     elapsed_s: float = 0.0
+    group: str | None = None  # the group this task is averaged into ("mmlu" for an MMLU subject)
+    subtasks: list[str] = field(default_factory=list)  # a group's tasks
 
     @property
     def metric_names(self) -> list[str]:
@@ -68,11 +84,15 @@ def prepare(task: Task, shots: Sequence[int], *, shot_pool: int | None = None, l
     """(shot pool, scored records) of `task` for these shot counts; every error about them, before any scoring.
 
     The pool is the first `shot_pool` records (default: the largest shot count); the scored records are the
-    next `limit` (default: all the rest).
+    next `limit` (default: all the rest). A task with a few-shot split of its own (MMLU) takes its pool from that
+    split, whatever `shot_pool` is, and scores the first `limit` of all its records.
     """
     pool_size = max(shots) if shot_pool is None else shot_pool
     pool, docs = task.split(pool_size)
     for k in shots:
+        if task.fewshot_docs is not None and k > len(pool):
+            raise ConfigError(f"{task.name}: {k} shots need {k} examples, but its few-shot file {task.fewshot_path} "
+                              f"holds {len(pool)}; ask for at most {len(pool)} shots.")
         fewshot_prefix(pool, k)  # raises when the pool is too small for k
     if limit is not None:
         if limit < 1:
@@ -98,7 +118,8 @@ def evaluate_task(
     results = []
     for k in shots:
         start = time.perf_counter()
-        prefix = fewshot_prefix(pool, k)
+        # Every item starts with the same description and shots: the scorer computes that prefix once.
+        prefix = task.description + fewshot_prefix(pool, k)
         pairs = [build_requests(doc, prefix) for doc in docs]
         flat = encode_pairs(tokenizer, [p for item in pairs for p in item])
         requests, offset = [], 0
@@ -111,6 +132,7 @@ def evaluate_task(
         else:
             result = _choice_result(task, k, docs, pairs, scores)
         result.elapsed_s = time.perf_counter() - start
+        result.group = task.group
         summary = ", ".join(f"{m} {result.metrics[m]:.4f}" for m in result.metric_names)
         logger.info(f"{task.name} {k}-shot: {summary} (n={result.num_items}, {result.elapsed_s:.1f}s)")
         results.append(result)
@@ -135,7 +157,7 @@ def _choice_result(task: Task, k: int, docs: list[Doc], pairs: list[list[tuple[s
             "is_greedy": [s.is_greedy for s in item_scores],
             "prediction": pred, "gold": doc.gold, "acc": acc[-1],
         }
-        if task.layout == "choices":
+        if task.layout == "choices" and task.acc_norm:
             acc_norm.append(float(pred_norm == doc.gold))
             sample.update(prediction_norm=pred_norm, acc_norm=acc_norm[-1])
         samples.append(sample)
@@ -167,8 +189,53 @@ def _continuation_result(task: Task, k: int, docs: list[Doc], pairs: list[list[t
 
 def evaluate_tasks(model: LlamaForCausalLM, tokenizer: Tokenizer, tasks: Sequence[Task], shots: Sequence[int],
                    **kwargs: Any) -> list[TaskResult]:
-    """`evaluate_task` for each task, in order (keyword arguments as there)."""
-    return [result for task in tasks for result in evaluate_task(model, tokenizer, task, shots, **kwargs)]
+    """`evaluate_task` for each task, in order (keyword arguments as there), and the groups' results
+    (`with_group_results`)."""
+    return with_group_results(
+        [result for task in tasks for result in evaluate_task(model, tokenizer, task, shots, **kwargs)])
+
+
+def group_results(results: Sequence[TaskResult]) -> list[TaskResult]:
+    """One result per group and shot count that has two or more tasks among `results`:
+
+    - `acc`: the macro average, the mean of the tasks' accuracies (each task weighs the same), with the standard
+      error of a mean of independent means;
+    - `acc_micro`: the mean over all the tasks' items (each item weighs the same; lm-evaluation-harness's `mmlu`
+      score, `weight_by_size: True`), with lm-evaluation-harness's pooled standard error.
+    """
+    members: dict[tuple[str, int], list[TaskResult]] = {}
+    for r in results:
+        if r.group is not None and not r.subtasks:
+            members.setdefault((r.group, r.shots), []).append(r)
+    out = []
+    for (group, k), rs in members.items():
+        if len(rs) < 2:
+            continue
+        accs = [r.metrics["acc"] for r in rs]
+        errors = [r.metrics.get("acc_stderr", math.nan) for r in rs]
+        sizes = [r.num_items for r in rs]
+        metrics: dict[str, float] = {}
+        metrics["acc"], metrics["acc_stderr"] = macro_mean_stderr(accs, errors)
+        metrics["acc_micro"] = sum(a * n for a, n in zip(accs, sizes)) / sum(sizes)
+        metrics["acc_micro_stderr"] = pooled_stderr(errors, sizes)
+        out.append(TaskResult(group, k, sum(sizes), metrics, elapsed_s=sum(r.elapsed_s for r in rs),
+                              subtasks=[r.task for r in rs]))
+    return out
+
+
+def with_group_results(results: Sequence[TaskResult]) -> list[TaskResult]:
+    """`results` with each group's results (`group_results`) just before its first task's, each logged."""
+    groups: dict[str, list[TaskResult]] = {}
+    for g in group_results(results):
+        summary = ", ".join(f"{m} {g.metrics[m]:.4f}" for m in g.metric_names)
+        logger.info(f"{g.task} {g.shots}-shot, {len(g.subtasks)} tasks: {summary} (n={g.num_items})")
+        groups.setdefault(g.task, []).append(g)
+    ordered: list[TaskResult] = []
+    for r in results:
+        if r.group in groups:
+            ordered += groups.pop(r.group)
+        ordered.append(r)
+    return ordered
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -181,16 +248,22 @@ def _json_number(value: float) -> float | None:
 def results_json(results: Sequence[TaskResult], meta: dict[str, Any]) -> dict[str, Any]:
     """{**meta, "results": {task: {"<k>": {metric: value, metric_stderr: error, "n": items, "elapsed_s"}}}}."""
     tasks: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[str]] = {}
     for r in results:
         tasks.setdefault(r.task, {})[str(r.shots)] = {
             **{name: _json_number(value) for name, value in r.metrics.items()},
             "n": r.num_items, "elapsed_s": round(r.elapsed_s, 3),
+            **({"num_tasks": len(r.subtasks)} if r.subtasks else {}),
         }
-    return {**meta, "results": tasks}
+        if r.subtasks:
+            groups[r.task] = r.subtasks
+    # A group's tasks: {"mmlu": ["mmlu_abstract_algebra", ...]}.
+    return {**meta, **({"groups": groups} if groups else {}), "results": tasks}
 
 
 def markdown_table(results: Sequence[TaskResult]) -> str:
-    """One row per task and metric, one column per shot count: `value ± stderr`."""
+    """One row per task and metric, one column per shot count: `value ± stderr`; a group's rows say how many
+    tasks it averages, and a note under the table says what its `acc` and `acc_micro` are."""
     shots = sorted({r.shots for r in results})
     by_key = {(r.task, r.shots): r for r in results}
     tasks = list(dict.fromkeys(r.task for r in results))
@@ -207,7 +280,11 @@ def markdown_table(results: Sequence[TaskResult]) -> str:
                     continue
                 value, err = r.metrics[metric], r.metrics.get(f"{metric}_stderr", math.nan)
                 cells.append(f"{value:.4f}" + ("" if math.isnan(err) else f" ± {err:.4f}"))
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {first.num_items} |")
+            label = f"{task} ({len(first.subtasks)} tasks)" if first.subtasks else task
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + f" | {first.num_items} |")
+    if any(r.subtasks for r in results):
+        lines += ["", "A group's `acc` is the macro average over its tasks (each task weighs the same); `acc_micro` "
+                  "is the mean over all their items (lm-evaluation-harness's group score)."]
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +299,9 @@ def icl_plot(results: Sequence[TaskResult], path: Path, *, metric: str = "acc", 
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for task in dict.fromkeys(r.task for r in results):
+    # A group's line stands for its tasks (57 MMLU subjects would be unreadable).
+    grouped = {r.task for r in results if any(g.task == r.group and g.subtasks for g in results)}
+    for task in dict.fromkeys(r.task for r in results if r.task not in grouped):
         # A sampled generative task has no `acc` (greedy); its pass@1 is the accuracy of one sample.
         name = metric if any(metric in r.metrics for r in results if r.task == task) else "pass@1"
         points = sorted((r.shots, r.metrics[name], r.metrics.get(f"{name}_stderr", math.nan))
@@ -256,6 +335,8 @@ def write_outputs(results: Sequence[TaskResult], out_dir: str | Path, *, meta: d
     title = f"# Few-shot evaluation: {meta['model']}\n\n" if "model" in meta else ""
     written["results.md"].write_text(title + markdown_table(results))
     for r in results:
+        if r.subtasks:  # a group: its items are in its tasks' files
+            continue
         path = out / sample_file_name(r.task, r.shots)
         with path.open("w") as f:
             for sample in r.samples:

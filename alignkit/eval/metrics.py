@@ -8,6 +8,9 @@
   `perplexity`: exp(-mean of the continuations' summed log-likelihoods).
 - Standard errors of means: the sample standard deviation over sqrt(n), lm-evaluation-harness's `mean_stderr`;
   for 0/1 values with mean p that is sqrt(p (1 - p) / (n - 1)).
+- A group of tasks (MMLU's subjects): the macro average (every task weighs the same) with the standard error of
+  a mean of independent means, and the micro average (every item weighs the same: lm-evaluation-harness's
+  `weight_by_size` group score) with its `pooled_sample_stderr`.
 """
 
 from __future__ import annotations
@@ -59,3 +62,31 @@ def perplexity(loglikelihoods: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     value = math.exp(-mean) if -mean < 700 else math.inf
     return value, value * stderr
+
+
+def macro_mean_stderr(means: Sequence[float], stderrs: Sequence[float]) -> tuple[float, float]:
+    """(mean of the task means, its standard error sqrt(sum of squared stderrs) / number of tasks): the tasks'
+    items are independent, so the variances of their means add. NaN error when a task has none (n < 2).
+
+    Example: means [0.5, 1.0] with stderrs [0.3, 0.4]: (0.75, sqrt(0.09 + 0.16) / 2 = 0.25).
+    """
+    if not means:
+        return math.nan, math.nan
+    mean = sum(means) / len(means)
+    return mean, math.sqrt(sum(e * e for e in stderrs)) / len(stderrs)
+
+
+def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
+    """lm-evaluation-harness's `pooled_sample_stderr` of a size-weighted group mean: the tasks' sample variances
+    (stderr^2 x n) pooled with weights n - 1 over (N - number of tasks), then over sqrt(N).
+
+    Example: stderrs [0.3, 0.4] of sizes [2, 3] are variances 0.18 and 0.48; pooled (1 x 0.18 + 2 x 0.48) / 3 =
+    0.38; stderr sqrt(0.38 / 5).
+    """
+    total = sum(sizes)
+    # A task of one item adds nothing (n - 1 = 0), though its own error is undefined.
+    terms = [(e, n) for e, n in zip(stderrs, sizes) if n > 1]
+    if total - len(sizes) < 1 or any(math.isnan(e) for e, _ in terms):
+        return math.nan
+    pooled = sum((n - 1) * e * e * n for e, n in terms) / (total - len(sizes))
+    return math.sqrt(pooled / total)

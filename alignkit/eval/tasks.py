@@ -81,15 +81,27 @@ class Doc:
 
 @dataclass
 class Task:
-    """A task file read and checked: its name, path, layout and records in file order."""
+    """A task file read and checked: its name, path, layout and records in file order.
+
+    Most tasks are one file whose first records are the shots. A task with a few-shot split of its own (MMLU, whose
+    shots are a subject's dev questions: `alignkit.eval.mmlu`) sets `fewshot_docs`; then every record is scored.
+    """
 
     name: str
     path: Path
     layout: Layout
     docs: list[Doc]
+    fewshot_docs: list[Doc] | None = None  # the shots when they come from a split of their own
+    fewshot_path: Path | None = None  # the file they were read from
+    description: str = ""  # opens every prompt, before the shots (lm-evaluation-harness's `description`)
+    group: str | None = None  # the group whose average this task is part of ("mmlu" for an MMLU subject)
+    acc_norm: bool = True  # report acc_norm (`choices` layout); MMLU's one-letter choices make it equal acc
 
     def split(self, shot_pool: int) -> tuple[list[Doc], list[Doc]]:
-        """(shot pool, scored records): the first `shot_pool` records are the pool, never scored."""
+        """(shot pool, scored records): the first `shot_pool` records are the pool, never scored; with a few-shot
+        split of its own, (that split, every record) whatever `shot_pool` is."""
+        if self.fewshot_docs is not None:
+            return self.fewshot_docs, self.docs
         if shot_pool < 0:
             raise ConfigError(f"the shot pool must hold 0 or more records; got {shot_pool}.")
         if shot_pool >= len(self.docs):
@@ -98,6 +110,15 @@ class Task:
                 f"{len(self.docs)} records. Use fewer shots (or a smaller --shot-pool)."
             )
         return self.docs[:shot_pool], self.docs[shot_pool:]
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json records of the task: path, layout, size; the few-shot file and group when set."""
+        info: dict[str, Any] = {"path": str(self.path), "layout": self.layout, "num_records": len(self.docs)}
+        if self.fewshot_docs is not None:
+            info |= {"fewshot_path": str(self.fewshot_path), "fewshot_records": len(self.fewshot_docs)}
+        if self.group is not None:
+            info["group"] = self.group
+        return info
 
 
 def fewshot_prefix(pool: Sequence[Doc], num_shots: int) -> str:
@@ -150,11 +171,23 @@ def resolve_task(spec: str, data_dir: str | Path | None = None) -> tuple[str, Pa
     where = data_dir if data_dir is not None else data_folder()
     if known:
         raise ConfigError(f"unknown task {spec!r}; known tasks (in {Path(where or '.') / TASK_FOLDER}): "
-                          f"{', '.join(known)}; or pass the path of a JSONL file.")
+                          f"{', '.join(known)} (and mmlu, mmlu_<subject> from the data folder's mmlu/); or pass the path "
+                          "of a JSONL file.")
     raise ConfigError(
         f"unknown task {spec!r}, and no task folder was found ({TASK_FOLDER}/ in the shared data folder: set "
         "ALIGNKIT_SHARED_DATA or --data-dir); pass the path of a JSONL file."
     )
+
+
+def load_tasks(spec: str, data_dir: str | Path | None = None) -> list[Task]:
+    """The tasks one --tasks entry names: an MMLU name (`mmlu`, `mmlu:val`, `mmlu_<subject>`: one task per
+    subject) or, as `load_task`, a JSONL path or a known file name."""
+    # Imported here: alignkit.eval.mmlu builds its tasks from this module's Doc and Task.
+    from alignkit.eval.mmlu import is_mmlu_spec, load_mmlu
+
+    if is_mmlu_spec(spec) and not Path(spec).is_file() and spec not in known_tasks(data_dir):
+        return load_mmlu(spec, data_dir)
+    return [load_task(spec, data_dir)]
 
 
 def load_task(spec: str, data_dir: str | Path | None = None) -> Task:
