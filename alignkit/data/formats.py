@@ -196,10 +196,11 @@ _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 def extract_gsm8k_answer(text: str) -> str | None:
     """The final answer after GSM8K's "####" marker, normalised: "#### 1,000" -> "1000", "#### -3.5" -> "-3.5".
 
-    Thousands separators, a leading "$" and a trailing "." are dropped. None when the marker is absent.
+    Thousands separators, a leading "$" and a trailing "." are dropped. None when the marker is absent or nothing
+    follows it.
     """
     match = _GSM8K_ANSWER.search(text)
-    if match is None:
+    if match is None or not match.group(1).strip():
         return None
     answer = match.group(1).strip().splitlines()[0].strip()
     answer = answer.replace(",", "").replace("$", "").strip()

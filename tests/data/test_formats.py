@@ -139,6 +139,7 @@ def test_real_hh_rlhf_every_pair_parses(shared_data: Path) -> None:
         ("Price.\n#### $18.", "18"),
         ("####    42   \n", "42"),
         ("no marker here: 42", None),
+        ("nothing after the marker\n####  \n", None),
     ],
 )
 def test_extract_gsm8k_answer_hand_cases(text: str, expected: str | None) -> None:
