@@ -76,14 +76,14 @@ micro-batch and precision, one optimizer step per rollout (beta 0, no reference,
 Set-up: later TRL releases (1.16, for one) no longer have PPO; install TRL 1.12 in a virtual environment that
 sees this environment's packages (torch, transformers, accelerate, datasets, alignkit) and pass its Python:
 
-    python -m venv --system-site-packages /tmp/trl112-venv
-    /tmp/trl112-venv/bin/pip install --no-deps trl==1.12.0
-    /tmp/trl112-venv/bin/python -c "from trl.experimental.ppo import PPOConfig, PPOTrainer"
+    python -m venv --system-site-packages trl112-venv
+    trl112-venv/bin/pip install --no-deps trl==1.12.0
+    trl112-venv/bin/python -c "from trl.experimental.ppo import PPOConfig, PPOTrainer"
 
-    python bench/ppo.py --quick --trl-python /tmp/trl112-venv/bin/python     # a smoke run of all three sides
-    python bench/ppo.py --precision fp32 --trl-python /tmp/trl112-venv/bin/python
-    python bench/ppo.py --precision bf16 --trl-python /tmp/trl112-venv/bin/python
-    python bench/ppo.py --device cuda --hf-dir DIR --checkpointing off --trl-python /tmp/trl112-venv/bin/python
+    python bench/ppo.py --quick --trl-python trl112-venv/bin/python     # a smoke run of all three sides
+    python bench/ppo.py --precision fp32 --trl-python trl112-venv/bin/python
+    python bench/ppo.py --precision bf16 --trl-python trl112-venv/bin/python
+    python bench/ppo.py --device cuda --hf-dir DIR --checkpointing off --trl-python trl112-venv/bin/python
 """
 
 from __future__ import annotations
