@@ -61,7 +61,7 @@ from alignkit.trainers.common import (
     total_steps,
 )
 from alignkit.trainers.rl_configs import GRPOConfig
-from alignkit.trainers.stage import export, prepare_run_dir
+from alignkit.trainers.stage import check_prompt_batch, export, prepare_run_dir
 
 Config = GRPOConfig
 
@@ -198,6 +198,7 @@ def train(cfg: GRPOConfig) -> RunResult:
     if prompts_per_step % info.world_size:
         raise DataError(f"{prompts_per_step} prompts per iteration do not split over {info.world_size} processes; "
                         "make train.batch_size / rollout.num_generations a multiple of the process count.")
+    check_prompt_batch(cfg, len(items), prompts_per_step)
     prompts = StepBatches(items, collate=list, batch_size=prompts_per_step,
                           micro_batch_size=prompts_per_step // info.world_size, seed=cfg.train.seed,
                           rank=info.rank, world_size=info.world_size)

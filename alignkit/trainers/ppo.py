@@ -79,7 +79,14 @@ from alignkit.trainers.common import (
 )
 from alignkit.trainers.language import batching, lm_forward, load_examples
 from alignkit.trainers.rl_configs import PPOConfig
-from alignkit.trainers.stage import combine_evals, export, prepare_run_dir, sharded_eval, task_eval
+from alignkit.trainers.stage import (
+    check_prompt_batch,
+    combine_evals,
+    export,
+    prepare_run_dir,
+    sharded_eval,
+    task_eval,
+)
 
 Config = PPOConfig
 
@@ -339,6 +346,7 @@ def train(cfg: PPOConfig) -> RunResult:
                         f"into {world} processes x {p.num_mini_batches} minibatches; make train.batch_size / "
                         "rollout.num_generations a multiple of the process count, and each process's share a "
                         "multiple of ppo.num_mini_batches.")
+    check_prompt_batch(cfg, len(items), prompts_per_step)
     prompts = StepBatches(items, collate=list, batch_size=prompts_per_step, micro_batch_size=prompts_per_step // world,
                           seed=cfg.train.seed, rank=info.rank, world_size=world, source=cfg.data.train)
     iterations = total_steps(cfg.train, prompts.steps_per_epoch)

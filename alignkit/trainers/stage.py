@@ -318,6 +318,26 @@ def check_one_batch(cfg: Any, info: DistInfo, num_items: int, num_held_out: int)
     )
 
 
+def check_prompt_batch(cfg: Any, num_prompts: int, prompts_per_step: int) -> None:
+    """For the RL stages: a DataError listing every setting to change when fewer prompts survived loading than one
+    iteration samples from (train.batch_size completions / rollout.num_generations per prompt), in one message."""
+    if num_prompts >= prompts_per_step:
+        return
+    g, batch_size = cfg.rollout.num_generations, cfg.train.batch_size
+    changes = [f"train.batch_size={num_prompts * g} (the most {num_prompts} prompts x {g} completions fill)"]
+    if g > 1:
+        changes.append(f"a smaller rollout.num_generations (now {g}) with the same train.batch_size")
+    changes.append(f"a larger data.limit (now {cfg.data.limit}) or none" if cfg.data.limit is not None
+                   else "more records in data.train")
+    changes.append(f"a larger rollout.max_prompt_length (now {cfg.rollout.max_prompt_length}) if prompts were dropped "
+                   "as too long (the log says how many)")
+    raise DataError(
+        f"{cfg.data.train}: {num_prompts} prompts, fewer than one iteration's {prompts_per_step} (train.batch_size="
+        f"{batch_size} completions / rollout.num_generations={g} per prompt). To train on this little data, change "
+        "any of: " + "; ".join(changes) + "."
+    )
+
+
 def export(model: nn.Module, tokenizer: Tokenizer, run_dir: Path, *, lora: LoRASection, base_model: str | None,
            info: DistInfo, folder: str = "final", adapter_folder: str = "adapter") -> Path:
     """Full model -> run_dir/folder (HF format with the tokenizer). LoRA -> adapter_folder (peft format) and the

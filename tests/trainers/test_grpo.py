@@ -117,6 +117,12 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(RewardError, match=r"'bad' returned nan for completion 0 of prompt 0"):
         run("grpo", grpo_cfg(tmp_path, **{"grpo.reward_funcs": [f"{broken}:bad"]}))
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # Too few prompts for one iteration (16 completions / 4 per prompt = 4 prompts; data.limit keeps 3): one
+    # message with every setting that would fit.
+    with pytest.raises(DataError, match=r"3 prompts, fewer than one iteration's 4 \(train.batch_size=16 completions "
+                       r"/ rollout.num_generations=4 per prompt\).*train.batch_size=12 .*rollout.num_generations "
+                       r"\(now 4\).*data.limit \(now 3\).*rollout.max_prompt_length \(now 64\)"):
+        run("grpo", grpo_cfg(tmp_path, **{"data.limit": 3}))
 
 
 def fake_draw(rewards: list[list[float]]) -> tuple[Any, torch.Tensor, dict[str, list[float]]]:
