@@ -38,7 +38,7 @@ from alignkit.data.readers import read_jsonl
 from alignkit.errors import ConfigError, DataError
 from alignkit.eval.harness import TaskResult, check_shots
 from alignkit.eval.metrics import mean_stderr
-from alignkit.eval.tasks import data_folder
+from alignkit.eval.tasks import data_folder, split_shot_pool
 from alignkit.eval.verifiable import generate_and_check, reward_check
 from alignkit.generation import SamplingParams
 
@@ -95,14 +95,7 @@ class GenerativeTask:
 
     def split(self, shot_pool: int) -> tuple[list[GenerativeDoc], list[GenerativeDoc]]:
         """(shot pool, scored records): the first `shot_pool` records are the pool, never scored."""
-        if shot_pool < 0:
-            raise ConfigError(f"the shot pool must hold 0 or more records; got {shot_pool}.")
-        if shot_pool >= len(self.docs):
-            raise ConfigError(
-                f"{self.path}: the shot pool of {shot_pool} records leaves nothing to score: the task has "
-                f"{len(self.docs)} records. Use fewer shots (or a smaller --shot-pool)."
-            )
-        return self.docs[:shot_pool], self.docs[shot_pool:]
+        return split_shot_pool(self.docs, shot_pool, self.path)
 
     def prepare(self, shots: Sequence[int], *, shot_pool: int | None = None, limit: int | None = None
                 ) -> tuple[list[GenerativeDoc], list[GenerativeDoc]]:

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from alignkit.data.readers import read_jsonl
 from alignkit.errors import ConfigError, DataError
@@ -102,14 +102,7 @@ class Task:
         split of its own, (that split, every record) whatever `shot_pool` is."""
         if self.fewshot_docs is not None:
             return self.fewshot_docs, self.docs
-        if shot_pool < 0:
-            raise ConfigError(f"the shot pool must hold 0 or more records; got {shot_pool}.")
-        if shot_pool >= len(self.docs):
-            raise ConfigError(
-                f"{self.path}: the shot pool of {shot_pool} records leaves nothing to score: the file has "
-                f"{len(self.docs)} records. Use fewer shots (or a smaller --shot-pool)."
-            )
-        return self.docs[:shot_pool], self.docs[shot_pool:]
+        return split_shot_pool(self.docs, shot_pool, self.path)
 
     def describe(self) -> dict[str, Any]:
         """What results.json records of the task: path, layout, size; the few-shot file and group when set."""
@@ -119,6 +112,22 @@ class Task:
         if self.group is not None:
             info["group"] = self.group
         return info
+
+
+D = TypeVar("D")
+
+
+def split_shot_pool(docs: Sequence[D], shot_pool: int, path: Path) -> tuple[list[D], list[D]]:
+    """(the first `shot_pool` records, the rest): a task's shots and the records it scores; a ConfigError when the
+    pool is negative or leaves nothing to score."""
+    if shot_pool < 0:
+        raise ConfigError(f"the shot pool must hold 0 or more records; got {shot_pool}.")
+    if shot_pool >= len(docs):
+        raise ConfigError(
+            f"{path}: the shot pool of {shot_pool} records leaves nothing to score: the file has "
+            f"{len(docs)} records. Use fewer shots (or a smaller --shot-pool)."
+        )
+    return list(docs[:shot_pool]), list(docs[shot_pool:])
 
 
 def fewshot_prefix(pool: Sequence[Doc], num_shots: int) -> str:
