@@ -164,7 +164,10 @@ def summarize_stage(name: str, rows: list[dict[str, Any]]) -> StageSummary:
     mean tokens/s."""
     summary = StageSummary(name=name, evaluations=[row for row in rows if "model" in row])
     curve = [row for row in rows if "model" not in row]
+    # Rejection sampling logs each round's fine-tuning loss as sft/loss (its rows are rounds, not steps).
     _, losses = _series(curve, "loss")
+    if not losses:
+        _, losses = _series(curve, "sft/loss")
     if losses:
         summary.first_loss, summary.last_loss, summary.best_loss = losses[0], losses[-1], min(losses)
     summary.eval_loss, _ = _last(curve, ("eval/loss",))
@@ -174,6 +177,10 @@ def summarize_stage(name: str, rows: list[dict[str, Any]]) -> StageSummary:
     summary.task_accuracy, summary.task_accuracy_key = _last(curve, (*TASK_ACCURACY_KEYS, *_capability_keys(curve)))
     summary.preference_accuracy, summary.preference_accuracy_key = _last(curve, PREFERENCE_ACCURACY_KEYS)
     summary.wall_time_s, _ = _last(curve, ("elapsed_s",))
+    if summary.wall_time_s is None:  # rs: the rounds' sampling and fine-tuning times (time/sample_s, time/sft_s)
+        times = [value for row in curve for key, value in row.items()
+                 if key.startswith("time/") and key.endswith("_s") and _num(value) is not None]
+        summary.wall_time_s = sum(times) if times else None
     _, speeds = _series(curve, "tokens_per_s")
     if speeds:
         summary.tokens_per_s = sum(speeds) / len(speeds)

@@ -373,3 +373,15 @@ def test_quickstart_report_is_readable(quickstart_fast_run: QuickstartRun) -> No
     for name, fig in figures.items():
         assert f"]({name})" in text
         assert _axis_problems(name, fig) == []
+
+
+def test_rejection_sampling_rounds_fill_the_stage_row() -> None:
+    """rs logs one row per round: its fine-tuning loss (sft/loss) and the round's times stand in for loss and
+    elapsed_s, so its stage-table row is not dashes."""
+    from alignkit.report.report import summarize_stage
+
+    rows = [{"step": 1, "sft/loss": 0.5, "time/sample_s": 10.0, "time/sft_s": 20.0},
+            {"step": 2, "sft/loss": 0.25, "time/sample_s": 11.0, "time/sft_s": 19.0}]
+    summary = summarize_stage("rs", rows)
+    assert (summary.first_loss, summary.last_loss, summary.best_loss) == (0.5, 0.25, 0.25)
+    assert summary.steps == 2 and summary.wall_time_s == 60.0
