@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignkit.errors import CheckpointError, ConfigError
+from alignkit.errors import ConfigError
 from alignkit.eval.generative import (
     GenerationSettings,
     GenerativeTask,
@@ -27,6 +27,7 @@ from alignkit.eval.harness import (
     write_outputs,
 )
 from alignkit.eval.tasks import FEWSHOT_DELIMITER, TARGET_DELIMITER, Task, load_tasks
+from alignkit.generation.cli import load_model
 from alignkit.model import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,6 @@ def add_eval_command(subparsers: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    import alignkit
 
     shots = check_shots(args.shots)
     if args.batch_size < 1:
@@ -131,12 +131,8 @@ def run_eval(args: argparse.Namespace) -> int:
                           "log-likelihood as plain text. Evaluate them in a separate run without it.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    logger.info(f"loading {args.model} ({args.dtype}, {device}) ...")
-    model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype], device=device)
-    if tokenizer is None:
-        raise CheckpointError(f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); eval needs one to "
-                              "encode the prompts. Copy the base model's tokenizer files into the directory.")
-    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s")
+    model, tokenizer = load_model(args.model, args.dtype, device=device,
+                                  purpose="eval needs one to encode the prompts")
 
     results = []
     for task in tasks:

@@ -50,6 +50,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
 
 
+def load_model(path: str, dtype: str, *, purpose: str, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a command that reads or writes text: `alignkit.load` with its time logged, and a
+    CheckpointError when the checkpoint has no tokenizer (`purpose` says what the command needs it for)."""
+    import alignkit
+
+    start = time.perf_counter()
+    logger.info(f"loading {path} ({dtype}{', ' + device if device else ''}) ...")
+    model, tokenizer = alignkit.load(path, dtype=DTYPES[dtype], **({"device": device} if device else {}))
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: the checkpoint has no tokenizer (tokenizer.json); {purpose}. Copy the base "
+                              "model's tokenizer files into the directory.")
+    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s")
+    return model, tokenizer
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float | None = 0.0,
                            temperature_help: str = "0 is greedy decoding (default 0)",
                            seed_help: str = "sampling seed (default: random)") -> None:
@@ -87,18 +102,8 @@ def run_generate(args: argparse.Namespace) -> int:
     elif args.reward or args.answer is not None:
         raise ConfigError("--reward and --answer choose among --best-of N samples; add --best-of N.")
     params = sampling_params(args, n=args.best_of or args.n)
-    import alignkit
-
     refuse_reward_model(args.model)
-    start = time.perf_counter()
-    logger.info(f"loading {args.model} ({args.dtype}) ...")
-    model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
-    if tokenizer is None:
-        raise CheckpointError(
-            f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); generate needs one to encode the "
-            "prompt. Copy the base model's tokenizer files into the directory."
-        )
-    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s")
+    model, tokenizer = load_model(args.model, args.dtype, purpose="generate needs one to encode the prompt")
 
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system is not None else []

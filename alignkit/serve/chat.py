@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from alignkit.errors import CheckpointError, UserError
-from alignkit.generation.cli import add_model_arguments, add_sampling_arguments, sampling_params
+from alignkit.errors import UserError
+from alignkit.generation.cli import add_model_arguments, add_sampling_arguments, load_model, sampling_params
 from alignkit.generation.sampling import SamplingParams
 from alignkit.generation.scheduler import Scheduler
-from alignkit.model import DTYPES
 
 if TYPE_CHECKING:
     from alignkit.model import LlamaForCausalLM
@@ -45,18 +43,8 @@ def add_chat_command(subparsers: Any) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    import alignkit
-
-    start = time.perf_counter()
-    logger.info(f"loading {args.model} ({args.dtype}) ...")
-    model, tokenizer = alignkit.load(args.model, dtype=DTYPES[args.dtype])
-    if tokenizer is None:
-        raise CheckpointError(
-            f"{args.model}: the checkpoint has no tokenizer (tokenizer.json); chat needs one for the chat template. "
-            "Copy the base model's tokenizer files into the directory."
-        )
-    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s; "
-                "/reset clears the conversation, /exit quits")
+    model, tokenizer = load_model(args.model, args.dtype, purpose="chat needs one for the chat template")
+    logger.info("/reset clears the conversation, /exit quits")
     chat(model, tokenizer, params, system=args.system, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     return 0
 

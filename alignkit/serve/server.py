@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import CheckpointError, ConfigError, UserError
+from alignkit.generation.cli import load_model
 
 if TYPE_CHECKING:
     from alignkit.serve.worker import BatchWorker, SchedulerLike
@@ -52,12 +53,12 @@ def add_serve_command(subparsers: Any) -> None:
     )
     parser.add_argument("--model", required=True,
                         help="an HF model directory, a .gguf file, an alignkit run, or smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/ requests (default: no key)")
-    parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="most sequences decoded together in one step (default 8); also the largest n")
     parser.add_argument("--max-queue", type=int, default=128,
@@ -112,18 +113,11 @@ def build_app(model: Any, tokenizer: Any, *, model_name: str, max_batch_size: in
 
 def run_serve(args: argparse.Namespace) -> int:
     require_web_stack()
-    import torch
     import uvicorn
 
-    import alignkit
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if args.dtype not in dtypes:
-        raise ConfigError(f"--dtype {args.dtype!r} is not one of {', '.join(dtypes)}.")
-    start = time.perf_counter()
-    logger.info(f"loading {args.model} ({args.dtype}) ...")
-    model, tokenizer = alignkit.load(args.model, dtype=dtypes[args.dtype])
-    logger.info(f"loaded {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f}s")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {args.dtype!r} is not one of float32, bfloat16, float16.")
+    model, tokenizer = load_model(args.model, args.dtype, purpose="the server needs one to read prompts")
     name = args.served_model_name or default_model_name(args.model)
     app, worker = build_app(model, tokenizer, model_name=name, max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, api_key=args.api_key, timeout=args.timeout)
