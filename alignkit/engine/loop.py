@@ -163,6 +163,10 @@ class Engine:
         _check_parameters(self.trainables, self.frozen)
         for item in self.frozen.values():
             item.module.eval().requires_grad_(False)
+        # Loaded models come in eval mode; training mode is what turns on activation checkpointing and dropout
+        # (LoRA's), from the first step, not only after the first evaluation put the models back in it.
+        for item in models.values():
+            item.module.train()
         self.modules = {name: item.module for name, item in self.trainables.items()}
         self.wrapped = {name: dist.wrap_model(item.module, cfg.strategy, self.dist) for name, item in models.items()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}

@@ -164,3 +164,26 @@ def test_resume_refuses_changed_models(tmp_path: Path) -> None:
         resume({"policy": wider, "value": value}, {"reference": Frozen(tiny_model(3), "sft-a")})
     # Nothing was overwritten by the refused attempts.
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+
+
+def test_trainable_models_train_in_training_mode_from_the_first_step(tmp_path: Path) -> None:
+    """A loaded model comes in eval mode; activation checkpointing (and LoRA dropout) only act in training mode,
+    so the engine must switch its trainable models to it before the first step, not after the first evaluation."""
+    policy = tiny_model().eval()
+    policy.set_gradient_checkpointing(True)
+    reference = tiny_model(5).train()
+    engine = Engine({"policy": Trainable(policy, OptimSection(lr=1e-2))}, train_cfg(), run_dir=tmp_path,
+                    total_steps=1, frozen={"reference": Frozen(reference, source="runs/sft/final")},
+                    stream=open(os.devnull, "w"))  # noqa: SIM115
+    assert policy.training and not reference.training
+    recomputed = []
+    layer = policy.model.layers[0]
+    layer.register_forward_pre_hook(lambda module, args: recomputed.append(torch.is_grad_enabled()))
+
+    def loss_fn(models: Models, batch: Any, n: int) -> tuple[torch.Tensor, dict]:
+        assert models["policy"].training
+        return lm_loss(Models({"model": models["policy"]}), batch, n)
+
+    engine.step(next(iter(step_batches(examples(8), train_cfg())))[0:1], loss_fn)
+    # Checkpointed: the layer runs once without storing activations, and again in backward to recompute them.
+    assert len(recomputed) == 2
