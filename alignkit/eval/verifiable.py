@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alignkit.generation import SamplingParams, generate
+from alignkit.generation.packed import packed_linears
 
 if TYPE_CHECKING:
     from alignkit.model import LlamaForCausalLM
@@ -95,17 +96,18 @@ def generate_and_check(
     seed `params.seed + start`, so a run is reproducible whatever else ran before it.
     """
     checked: list[list[tuple[str, bool]]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk_params = params
-        if params.temperature > 0 and params.seed is not None:
-            chunk_params = dataclasses.replace(params, seed=params.seed + start)
-        completions = generate(model, prompts[start : start + batch_size], chunk_params, tokenizer=tokenizer)
-        for index, completion in enumerate(completions):
-            if index % params.n == 0:
-                checked.append([])
-            text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
-            reference = references[start + index // params.n]
-            checked[-1].append((text, bool(check(text, reference))))
+    with packed_linears(model, batch_size=batch_size * params.n):  # pack the weights once for every chunk
+        for start in range(0, len(prompts), batch_size):
+            chunk_params = params
+            if params.temperature > 0 and params.seed is not None:
+                chunk_params = dataclasses.replace(params, seed=params.seed + start)
+            completions = generate(model, prompts[start : start + batch_size], chunk_params, tokenizer=tokenizer)
+            for index, completion in enumerate(completions):
+                if index % params.n == 0:
+                    checked.append([])
+                text = completion.text if completion.text is not None else tokenizer.decode(completion.token_ids)
+                reference = references[start + index // params.n]
+                checked[-1].append((text, bool(check(text, reference))))
     return checked
 
 

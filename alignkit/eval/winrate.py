@@ -46,6 +46,7 @@ from alignkit.data.readers import load_records
 from alignkit.errors import CheckpointError, ConfigError, DataError
 from alignkit.eval.metrics import mean_stderr
 from alignkit.generation import SamplingParams, generate
+from alignkit.generation.packed import packed_linears
 
 if TYPE_CHECKING:
     from alignkit.model import LlamaForCausalLM
@@ -150,15 +151,16 @@ def generate_answers(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: Seq
     ids = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     answers: list[Answer | None] = [None] * len(ids)
-    for k, start in enumerate(range(0, len(order), batch_size)):
-        chunk = order[start : start + batch_size]
-        seed = None if params.seed is None else params.seed + k
-        completions = generate(model, [ids[i] for i in chunk], replace(params, seed=seed), tokenizer=tokenizer)
-        for i, completion in zip(chunk, completions):
-            text = (completion.text or "").strip()
-            # A "stop" finish keeps its stop token in token_ids (generation's convention); it is not answer text.
-            stop = int(completion.finish_reason == "stop" and not params.stop_strings)
-            answers[i] = Answer(text, len(completion.token_ids) - stop, completion.finish_reason)
+    with packed_linears(model, batch_size=batch_size):  # pack the weights once for every batch
+        for k, start in enumerate(range(0, len(order), batch_size)):
+            chunk = order[start : start + batch_size]
+            seed = None if params.seed is None else params.seed + k
+            completions = generate(model, [ids[i] for i in chunk], replace(params, seed=seed), tokenizer=tokenizer)
+            for i, completion in zip(chunk, completions):
+                text = (completion.text or "").strip()
+                # A "stop" finish keeps its stop token in token_ids (generation's convention); not answer text.
+                stop = int(completion.finish_reason == "stop" and not params.stop_strings)
+                answers[i] = Answer(text, len(completion.token_ids) - stop, completion.finish_reason)
     return [a for a in answers if a is not None]
 
 

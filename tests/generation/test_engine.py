@@ -293,3 +293,29 @@ def test_packed_linears_match_plain_linears_and_are_removed() -> None:
     assert [c.token_ids for c in generate(model, prompts, params)] == [
         c.token_ids for c in generate(model, prompts, params, pack_weights=False)
     ]
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+def test_generate_calls_inside_a_packed_block_reuse_its_weights_and_refuse_stale_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make(tiny_config())
+    prompts = prompts_of(PROMPT_LENGTHS)
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    expected = [c.token_ids for c in generate(model, prompts, params)]
+    reorders = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: reorders.append(1) or reorder(*a))
+    with packed_linears(model, batch_size=len(prompts)):
+        packed_once = len(reorders)
+        assert packed_once > 0
+        for _ in range(3):
+            assert [c.token_ids for c in generate(model, prompts, params)] == expected
+        assert len(reorders) == packed_once  # the calls found the model packed: nothing packed again
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(2)  # an in-place update (an optimizer step)
+        with pytest.raises(RuntimeError, match="stale"):
+            generate(model, prompts, params)
+    assert not any({"forward", "project_qkv"} & set(vars(m)) for m in model.modules())
+    changed = [c.token_ids for c in generate(model, prompts, params)]  # packs the updated weights
+    assert changed == [c.token_ids for c in generate(model, prompts, params, pack_weights=False)]
