@@ -83,8 +83,8 @@ class EpisodeBatch:
     `returns`) line up with them.
     """
 
-    input_ids: torch.Tensor  # [E, L]
-    logits_mask: torch.Tensor  # [E, L] positions whose next token is a completion token
+    input_ids: torch.Tensor  # [E, L]; shared prompts: [R, L], one row per prompt (see below)
+    logits_mask: torch.Tensor  # [E, L] positions whose next token is a completion token; shared: [R, L]
     targets: torch.Tensor  # [E, C]
     mask: torch.Tensor  # [E, C] bool
     advantages: torch.Tensor  # [E, 1] or [E, C]
@@ -92,10 +92,27 @@ class EpisodeBatch:
     ref_logps: torch.Tensor | None = None  # [E, C]
     old_values: torch.Tensor | None = None  # [E, C] the critic's values at rollout time (PPO)
     returns: torch.Tensor | None = None  # [E, C] the critic's targets (PPO)
+    # Shared prompts: the completions of one prompt follow it in one row ([prompt, c1, c2, ...]), each seeing the
+    # prompt and itself (a 4-D mask, positions counting on from the prompt), so the prompt runs once per group.
+    position_ids: torch.Tensor | None = None  # [R, L]
+    attention_mask: torch.Tensor | None = None  # bool [R, 1, L, L]
+    logits_index: torch.Tensor | None = None  # [N] flat position predicting each present completion token
+    present: torch.Tensor | None = None  # [E, C] completion tokens that exist (the order of logits_index)
+
+    @property
+    def shared(self) -> bool:
+        return self.logits_index is not None
 
     @property
     def num_sequences(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.targets.shape[0])
+
+    def present_tokens(self) -> torch.Tensor:
+        """[E, C] bool: the completion tokens that exist (a real one, or one under a dropped completion)."""
+        if self.present is not None:
+            return self.present
+        return torch.arange(self.targets.shape[1], device=self.targets.device)[None, :] < (
+            self.logits_mask.sum(-1, keepdim=True))
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +125,8 @@ class EpisodeBatch:
     def select(self, rows: Sequence[int] | torch.Tensor) -> EpisodeBatch:
         """The episodes `rows`, in that order, with the padding columns no selected sequence needs cut off the
         input (PPO's shuffled minibatches of one whole-rollout batch). Per-token tensors keep their width C."""
+        if self.shared:
+            raise ValueError("EpisodeBatch.select needs one row per episode; build the batch with share_prompts=False.")
         index = torch.as_tensor(rows, dtype=torch.long)
         # A row's input ends one past its last completion position (that position predicts the last token).
         ends = self.logits_mask[index].long().cumsum(-1).argmax(-1) + 2
@@ -125,14 +144,57 @@ def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch
     return out
 
 
+def _shared_rows(rollout: Rollout, rows: range, pad_id: int) -> dict[str, torch.Tensor]:
+    """Input of the episodes `rows` with each prompt once: one packed row per prompt, its completions after it."""
+    g = rollout.group_size
+    groups: list[list[int]] = []
+    for i in rows:
+        if groups and groups[-1][0] // g == i // g:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    sequences, positions, segments, sources = [], [], [], []
+    width = max(len(rollout.prompt_of(m[0])) + sum(len(rollout.completions[i].token_ids) for i in m) for m in groups)
+    for r, members in enumerate(groups):
+        prompt = rollout.prompt_of(members[0])
+        p = len(prompt)
+        ids, pos, seg = list(prompt), list(range(p)), [0] * p  # segment 0: the prompt; k: the k-th completion
+        for k, i in enumerate(members, start=1):
+            completion = rollout.completions[i].token_ids
+            start = len(ids)
+            # Token j of this completion is predicted at the prompt's last position (j = 0) or at its token j - 1.
+            sources += [r * width + (p - 1 if j == 0 else start + j - 1) for j in range(len(completion))]
+            ids += completion
+            pos += range(p, p + len(completion))
+            seg += [k] * len(completion)
+        sequences.append(ids)
+        positions.append(pos)
+        segments.append(seg)
+    input_ids = _pad(sequences, width, pad_id, torch.long)
+    position_ids = _pad(positions, width, 0, torch.long)
+    segment = _pad(segments, width, -1, torch.long)  # -1: padding
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    visible = causal & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    visible |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no all-masked row (NaN)
+    logits_mask = torch.zeros(len(groups), width, dtype=torch.bool)
+    logits_mask.view(-1)[torch.tensor(sources, dtype=torch.long)] = True
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": visible[:, None],
+            "logits_index": torch.tensor(sources, dtype=torch.long), "logits_mask": logits_mask}
+
+
 def episode_batches(rollout: Rollout, micro_batch_size: int, *, advantages: torch.Tensor,
                     loss_mask: torch.Tensor | None = None, old_logps: torch.Tensor | None = None,
-                    ref_logps: torch.Tensor | None = None, pad_id: int = 0) -> list[EpisodeBatch]:
+                    ref_logps: torch.Tensor | None = None, pad_id: int = 0,
+                    share_prompts: bool = False) -> list[EpisodeBatch]:
     """The rollout's episodes in micro-batches of `micro_batch_size`, in order.
 
     `advantages` is [N] (per sequence) or [N, C]; `loss_mask` [N] False drops a completion from the loss (a
     truncated one, under mask_truncated_completions); `old_logps` / `ref_logps` are [N, C] padded like the
-    completions (C = the longest completion).
+    completions (C = the longest completion). `share_prompts`: the completions of one prompt in a micro-batch
+    share one row and one pass over their prompt (GRPO's G completions per prompt: the prompt's tokens run once
+    instead of G times); the log-probs equal the one-row-per-episode layout's up to rounding.
     """
     n = len(rollout.completions)
     width = max((len(c.token_ids) for c in rollout.completions), default=0)
@@ -152,9 +214,12 @@ def episode_batches(rollout: Rollout, micro_batch_size: int, *, advantages: torc
             p, c = len(rollout.prompt_of(i)), len(rollout.completions[i].token_ids)
             logits_mask[j, p - 1 : p - 1 + c] = True
         part = slice(start, start + len(sequences))
+        layout: dict[str, torch.Tensor] = {"input_ids": input_ids, "logits_mask": logits_mask}
+        if share_prompts:
+            lengths = torch.tensor([len(rollout.completions[i].token_ids) for i in rows])
+            layout = {**_shared_rows(rollout, rows, pad_id), "present": torch.arange(width)[None, :] < lengths[:, None]}
         batches.append(EpisodeBatch(
-            input_ids=input_ids, logits_mask=logits_mask, targets=targets[part], mask=mask[part],
-            advantages=per_token[part].float(),
+            **layout, targets=targets[part], mask=mask[part], advantages=per_token[part].float(),
             old_logps=old_logps[part] if old_logps is not None else None,
             ref_logps=ref_logps[part] if ref_logps is not None else None,
         ))
@@ -167,12 +232,14 @@ def completion_logprobs(model: nn.Module, batch: EpisodeBatch, *, temperature: f
     """(log-probs [E, C], entropy [E, C] or None) of the completion tokens under `model`, from logits divided by
     `temperature`; padding positions hold 0. One forward, logits only at completion positions. The entropy is a
     metric without gradient unless `entropy_grad` (PPO's entropy bonus differentiates it)."""
-    logits = model(batch.input_ids, logits_mask=batch.logits_mask)  # [N, V], row-major over (row, completion)
+    if batch.shared:
+        logits = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                       logits_index=batch.logits_index)  # [N, V], row-major over (episode, completion)
+    else:
+        logits = model(batch.input_ids, logits_mask=batch.logits_mask)  # [N, V], row-major over (row, completion)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
-    # Completion tokens whose position exists: a real one, or one under a dropped (loss-masked) completion.
-    present = torch.arange(batch.targets.shape[1], device=batch.targets.device)[None, :] < (
-        batch.logits_mask.sum(-1, keepdim=True))
+    present = batch.present_tokens()
     flat = token_logprobs(logits, batch.targets[present])
     logps = torch.zeros(batch.targets.shape, dtype=flat.dtype, device=flat.device).masked_scatter(present, flat)
     entropy = None
@@ -188,11 +255,13 @@ def completion_values(critic: nn.Module, batch: EpisodeBatch) -> torch.Tensor:
     """Values [E, C] of a scalar-head model (PPO's critic, `model(input_ids)` -> [E, L]) at the positions that
     predict each completion token: V_t, the expected return of the state before token t is chosen (TRL's
     `value[:, context_length - 1 : -1]`); padding positions hold 0. One forward."""
+    present = batch.present_tokens()
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=batch.targets.device)
+    if batch.shared:
+        values = critic(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        return out.to(values.dtype).masked_scatter(present, values.flatten()[batch.logits_index])
     values = critic(batch.input_ids)  # [E, L]; right padding: the causal mask is exact for every real token
-    present = torch.arange(batch.targets.shape[1], device=batch.targets.device)[None, :] < (
-        batch.logits_mask.sum(-1, keepdim=True))
-    out = torch.zeros(batch.targets.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(present, values[batch.logits_mask])
+    return out.to(values.dtype).masked_scatter(present, values[batch.logits_mask])
 
 
 def rollout_logprobs(rollout: Rollout) -> torch.Tensor:

@@ -257,7 +257,7 @@ def train(cfg: GRPOConfig) -> RunResult:
                     advantages = group_advantages(rewards, g, estimator=est, scale_rewards=cfg.grpo.scale_rewards)
             batches = episode_batches(rollout, cfg.train.micro_batch_size, advantages=advantages, loss_mask=loss_mask,
                                       old_logps=rollout_logprobs(rollout) if use_rollout_logps else None,
-                                      pad_id=tokenizer.pad_token_id)
+                                      pad_id=tokenizer.pad_token_id, share_prompts=cfg.rollout.share_prompt and g > 1)
             if recompute_old_logps:
                 attach_logprobs(batches, policy, into="old_logps", temperature=cfg.rollout.temperature,
                                 device=info.device)

@@ -39,6 +39,11 @@ class RolloutSection:
     # distribution until then (against degenerate empty answers). Like top_p, it makes the rollout's own log-probs differ from
     # the policy's, so the old policy's log-probs are recomputed.
     min_completion_length: int = 0
+    # GRPO: training forwards put the completions of one prompt in one row after a single copy of the prompt (a mask
+    # keeps them apart), so the prompt's tokens run once per group instead of num_generations times. The same
+    # log-probs up to rounding. Attention then spans the whole row: with long completions and many generations
+    # the attention cost can outgrow what sharing saves; set false there.
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         check_at_least("rollout", self, 1, ("num_generations", "max_prompt_length", "max_completion_length"))

@@ -90,6 +90,52 @@ def test_rollout_logprobs_equal_a_training_forward() -> None:
     assert float((ratio - 1).abs().max()) < 1e-5
 
 
+def test_shared_prompt_batches_give_the_one_row_per_episode_logprobs_values_and_gradients() -> None:
+    """GRPO's completions of one prompt share a row after one copy of the prompt; log-probs, entropies, critic
+    values and the gradients all equal the plain layout's (fp32 rounding), with prompts of different lengths,
+    completions of different lengths (some ending early) and a group split across micro-batches (size 5, G 3)."""
+    from alignkit.model import LlamaForCausalLM, LlamaForScore, ModelConfig
+    from alignkit.rollout import completion_logprobs, completion_values
+
+    tokenizer = load_tokenizer("byte")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, **TINY)
+    torch.manual_seed(0)
+    model, critic = LlamaForCausalLM(config), LlamaForScore(config)
+    model.init_weights()
+    critic.init_weights()
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("hi"), tokenizer.encode("a longer question?")]
+    params = SamplingParams(max_new_tokens=9, temperature=1.0, seed=5,
+                            stop_token_ids=list(range(0, tokenizer.vocab_size, 7)))  # some completions end early
+    rollout = generate_rollout(model, tokenizer, prompts, params, group_size=3)
+    assert len({len(c.token_ids) for c in rollout.completions}) > 1  # completions of different lengths
+    advantages = torch.randn(9)
+    plain = episode_batches(rollout, 5, advantages=advantages, pad_id=0)
+    shared = episode_batches(rollout, 5, advantages=advantages, pad_id=0, share_prompts=True)
+    # Two micro-batches: [p0 x3, p1 x2] and [p1 x1, p2 x3]: four rows instead of nine prompt copies.
+    assert [b.input_ids.shape[0] for b in shared] == [2, 2] and all(b.shared for b in shared)
+    assert sum(int(b.input_ids.ne(0).sum()) for b in shared) < sum(int(b.input_ids.ne(0).sum()) for b in plain)
+
+    def run(batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        critic.zero_grad()
+        logps, entropies, values = [], [], []
+        for batch in batches:
+            lp, ent = completion_logprobs(model, batch, temperature=0.8, with_entropy=True)
+            v = completion_values(critic, batch)
+            ((lp * batch.advantages).sum() + (v * batch.mask).pow(2).sum()).backward()
+            logps.append(lp.detach()), entropies.append(ent), values.append(v.detach())
+        grads = [p.grad.clone() for p in (*model.parameters(), *critic.parameters())]
+        return torch.cat(logps), torch.cat(entropies), torch.cat(values), grads
+
+    a, b = run(plain), run(shared)
+    for x, y in zip(a[:3], b[:3]):
+        assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5), float((x - y).abs().max())
+    for x, y in zip(a[3], b[3]):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), float((x - y).abs().max())
+    with pytest.raises(ValueError, match="share_prompts=False"):
+        shared[0].select([0])
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path: Path) -> None:
     full = run("grpo", grpo_cfg(tmp_path / "a", **{"train.max_steps": 6, "train.save_every": 3})).metrics
     cfg = grpo_cfg(tmp_path / "b", **{"train.max_steps": 3, "train.save_every": 3})
