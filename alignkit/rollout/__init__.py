@@ -12,8 +12,9 @@ from alignkit.rollout.rollout import (
     episode_batches,
     generate_rollout,
     rollout_logprobs,
+    sampling_model,
     score_rollout,
 )
 
 __all__ = ["EpisodeBatch", "Rollout", "attach_logprobs", "completion_logprobs", "completion_values", "episode_batches",
-           "generate_rollout", "rollout_logprobs", "score_rollout"]
+           "generate_rollout", "rollout_logprobs", "sampling_model", "score_rollout"]

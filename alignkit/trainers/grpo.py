@@ -47,6 +47,7 @@ from alignkit.rollout import (
     episode_batches,
     generate_rollout,
     rollout_logprobs,
+    sampling_model,
     score_rollout,
 )
 from alignkit.rollout.prompts import load_prompts, prompt_fields, reward_prompts
@@ -226,10 +227,12 @@ def train(cfg: GRPOConfig) -> RunResult:
     for _ in engine.iterations():
         started = time.perf_counter()
         # One switch to the generation model for the rollout and the no-grad forwards (one all-gather under FSDP2).
-        with engine.generation_model("policy") as policy:
+        with engine.generation_model("policy") as policy, sampling_model(
+            policy, precision=cfg.train.precision, device=info.device, rows=prompts_per_step // info.world_size * g
+        ) as sampler:
             def draw() -> tuple[Rollout, torch.Tensor, dict[str, list[float]]]:
                 [batch] = next(stream)  # this rank's prompts
-                rollout = generate_rollout(policy, tokenizer, [item.prompt_ids for item in batch], sampling,
+                rollout = generate_rollout(sampler, tokenizer, [item.prompt_ids for item in batch], sampling,
                                            group_size=g)
                 rewards, values = score_rollout(rollout, functions, weights, reward_prompts(batch),
                                                 prompt_fields(batch))

@@ -64,6 +64,7 @@ from alignkit.rollout import (
     episode_batches,
     generate_rollout,
     rollout_logprobs,
+    sampling_model,
     score_rollout,
 )
 from alignkit.rollout.prompts import load_prompts, prompt_fields, reward_prompts
@@ -412,7 +413,10 @@ def train(cfg: PPOConfig) -> RunResult:
         # 1. Rollout, scores, and the no-grad forwards: old policy, reference and critic (one switch each).
         with engine.generation_model("policy") as live, engine.generation_model("critic") as live_critic:
             [batch] = next(stream)  # this process's prompts
-            rollout = generate_rollout(live, tokenizer, [item.prompt_ids for item in batch], sampling, group_size=g)
+            with sampling_model(live, precision=cfg.train.precision, device=info.device,
+                                rows=len(batch) * g) as sampler:
+                rollout = generate_rollout(sampler, tokenizer, [item.prompt_ids for item in batch], sampling,
+                                           group_size=g)
             raw_scores, reward_values = score_rollout(rollout, functions, weights, reward_prompts(batch),
                                                       prompt_fields(batch))
             n = len(rollout.completions)

@@ -136,6 +136,33 @@ def test_shared_prompt_batches_give_the_one_row_per_episode_logprobs_values_and_
         shared[0].select([0])
 
 
+def test_bf16_runs_sample_from_a_bf16_copy_and_fp32_runs_from_the_live_policy() -> None:
+    import copy
+
+    from alignkit.model import LlamaForCausalLM, ModelConfig
+    from alignkit.rollout import sampling_model
+
+    tokenizer = load_tokenizer("byte")
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, tie_word_embeddings=True, **TINY))
+    policy.init_weights()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("hi")]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    cpu = torch.device("cpu")
+    with sampling_model(policy, precision="fp32", device=cpu, rows=4) as sampler:
+        assert sampler is policy
+    with sampling_model(policy, precision="bf16", device=cpu, rows=4) as sampler:
+        assert sampler is not policy and sampler.dtype == torch.bfloat16 and not sampler.training
+        assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # still tied
+        assert not any(p.requires_grad for p in sampler.parameters())
+        sampled = generate_rollout(sampler, tokenizer, prompts, params, group_size=2)
+    # The same samples as a plain bf16 copy of the policy gives; the live fp32 weights are untouched.
+    reference = generate_rollout(copy.deepcopy(policy).to(torch.bfloat16), tokenizer, prompts, params, group_size=2)
+    assert sampled.completion_ids == reference.completion_ids
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path: Path) -> None:
     full = run("grpo", grpo_cfg(tmp_path / "a", **{"train.max_steps": 6, "train.save_every": 3})).metrics
     cfg = grpo_cfg(tmp_path / "b", **{"train.max_steps": 3, "train.save_every": 3})
