@@ -227,24 +227,25 @@ def train(cfg: GRPOConfig) -> RunResult:
     for _ in engine.iterations():
         started = time.perf_counter()
         # One switch to the generation model for the rollout and the no-grad forwards (one all-gather under FSDP2).
-        with engine.generation_model("policy") as policy, sampling_model(
-            policy, precision=cfg.train.precision, device=info.device, rows=prompts_per_step // info.world_size * g
-        ) as sampler:
-            def draw() -> tuple[Rollout, torch.Tensor, dict[str, list[float]]]:
-                [batch] = next(stream)  # this rank's prompts
-                rollout = generate_rollout(sampler, tokenizer, [item.prompt_ids for item in batch], sampling,
-                                           group_size=g)
-                rewards, values = score_rollout(rollout, functions, weights, reward_prompts(batch),
-                                                prompt_fields(batch))
-                return rollout, rewards.float(), values
+        with engine.generation_model("policy") as policy:
+            with sampling_model(policy, precision=cfg.train.precision, device=info.device,
+                                rows=prompts_per_step // info.world_size * g) as sampler:
+                def draw(model: torch.nn.Module = sampler) -> tuple[Rollout, torch.Tensor, dict[str, list[float]]]:
+                    [batch] = next(stream)  # this rank's prompts
+                    rollout = generate_rollout(model, tokenizer, [item.prompt_ids for item in batch], sampling,
+                                               group_size=g)
+                    rewards, values = score_rollout(rollout, functions, weights, reward_prompts(batch),
+                                                    prompt_fields(batch))
+                    return rollout, rewards.float(), values
 
-            rollout, rewards, values = draw()
-            sampled = [(rollout, rewards, values)]  # everything sampled this iteration: the logged metrics
-            if cfg.grpo.dynamic_sampling:
-                rollout, rewards, values, extra = dynamic_sample(rollout, rewards, values, draw, g,
-                                                                 prompts_per_step // info.world_size,
-                                                                 cfg.grpo.max_sampling_rounds)
-                sampled += extra
+                rollout, rewards, values = draw()
+                sampled = [(rollout, rewards, values)]  # everything sampled this iteration: the logged metrics
+                if cfg.grpo.dynamic_sampling:
+                    rollout, rewards, values, extra = dynamic_sample(rollout, rewards, values, draw, g,
+                                                                     prompts_per_step // info.world_size,
+                                                                     cfg.grpo.max_sampling_rounds)
+                    sampled += extra
+            del sampler, draw  # a bf16 sampling copy goes now, not when the next iteration replaces it
             lengths = [len(c.token_ids) for c in rollout.completions]
             truncated = [c.finish_reason == "length" for c in rollout.completions]
             loss_mask = torch.tensor([not cut for cut in truncated]) if cfg.grpo.mask_truncated_completions else None

@@ -417,6 +417,7 @@ def train(cfg: PPOConfig) -> RunResult:
                                 rows=len(batch) * g) as sampler:
                 rollout = generate_rollout(sampler, tokenizer, [item.prompt_ids for item in batch], sampling,
                                            group_size=g)
+            del sampler  # a bf16 sampling copy goes now, not when the next iteration replaces it
             raw_scores, reward_values = score_rollout(rollout, functions, weights, reward_prompts(batch),
                                                       prompt_fields(batch))
             n = len(rollout.completions)
