@@ -135,22 +135,12 @@ def time_alignkit(model_path: str, dtype_name: str, prompts: list[list[int]], ne
 def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]], new_tokens: int,
                       runs: int, device: str) -> dict[str, Any]:
     import torch
-    import transformers
 
-    transformers.logging.set_verbosity_error()
-    if Path(model_path).is_dir():
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype_name))
-    else:
-        directory, name = os.path.split(model_path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=getattr(torch, dtype_name)
-        )
-    model = model.to(device).eval()
+    model = load_transformers(model_path, dtype_name).to(device).eval()
     model.generation_config.eos_token_id = None  # EOS disabled: every row runs to max_new_tokens
-    width = max(len(p) for p in prompts)
     pad = 0
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask = left_padded(prompts, pad, device)
+    width = input_ids.shape[1]
 
     def run(max_new: int) -> tuple[float, list[list[int]]]:
         synchronize(device)
@@ -162,6 +152,29 @@ def time_transformers(model_path: str, dtype_name: str, prompts: list[list[int]]
         return time.perf_counter() - start, out[:, width:].tolist()
 
     return {**measure(run, new_tokens, runs, device), "floor_ms": weight_read_ms(model, device)}
+
+
+def load_transformers(model_path: str, dtype_name: str) -> Any:
+    """transformers' model of an HF directory or a GGUF file (dequantised to `dtype_name`)."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    dtype = getattr(torch, dtype_name)
+    if Path(model_path).is_dir():
+        return transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    directory, name = os.path.split(model_path)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+
+
+def left_padded(prompts: list[list[int]], pad: int, device: str = "cpu") -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of the prompts left-padded with `pad` to the longest, for transformers."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, attention_mask
 
 
 def weight_read_ms(model: Any, device: str, repeats: int = 5) -> float:
@@ -206,21 +219,14 @@ def measure(run: Any, new_tokens: int, runs: int, device: str) -> dict[str, Any]
 def interleaved_prefill(model_path: str, dtype_name: str, prompts: list[list[int]], rounds: int) -> None:
     """Both libraries in this process, a one-token generate each in turn: min / median ms per side."""
     import torch
-    import transformers
 
     import alignkit
     from alignkit.generation import SamplingParams, generate
     from alignkit.generation.packed import packed_linears
 
-    dtype = getattr(torch, dtype_name)
-    ours, _ = alignkit.load(model_path, dtype=dtype)
-    transformers.logging.set_verbosity_error()
-    directory, name = os.path.split(model_path)
-    theirs = (transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype) if Path(model_path).is_dir()
-              else transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)).eval()
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ours, _ = alignkit.load(model_path, dtype=getattr(torch, dtype_name))
+    theirs = load_transformers(model_path, dtype_name).eval()
+    input_ids, attention_mask = left_padded(prompts, 0)
     params = SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=[])
     times: dict[str, list[float]] = {"alignkit": [], "transformers": []}
     with packed_linears(ours, batch_size=len(prompts)), torch.inference_mode():

@@ -101,7 +101,6 @@ def add_eval_command(subparsers: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-
     shots = check_shots(args.shots)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1; got {args.batch_size}.")

@@ -177,6 +177,17 @@ def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch
     return out
 
 
+def _episode_rows(rollout: Rollout, rows: range, pad_id: int) -> dict[str, torch.Tensor]:
+    """Input of the episodes `rows`, one right-padded row each: prompt + completion."""
+    sequences = [rollout.prompt_of(i) + rollout.completions[i].token_ids for i in rows]
+    length = max(len(s) for s in sequences)
+    logits_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for j, i in enumerate(rows):
+        p, c = len(rollout.prompt_of(i)), len(rollout.completions[i].token_ids)
+        logits_mask[j, p - 1 : p - 1 + c] = True
+    return {"input_ids": _pad(sequences, length, pad_id, torch.long), "logits_mask": logits_mask}
+
+
 def _shared_rows(rollout: Rollout, rows: range, pad_id: int) -> dict[str, torch.Tensor]:
     """Input of the episodes `rows` with each prompt once: one packed row per prompt, its completions after it."""
     g = rollout.group_size
@@ -239,18 +250,12 @@ def episode_batches(rollout: Rollout, micro_batch_size: int, *, advantages: torc
     batches = []
     for start in range(0, n, micro_batch_size):
         rows = range(start, min(start + micro_batch_size, n))
-        sequences = [rollout.prompt_of(i) + rollout.completions[i].token_ids for i in rows]
-        length = max(len(s) for s in sequences)
-        input_ids = _pad(sequences, length, pad_id, torch.long)
-        logits_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
-        for j, i in enumerate(rows):
-            p, c = len(rollout.prompt_of(i)), len(rollout.completions[i].token_ids)
-            logits_mask[j, p - 1 : p - 1 + c] = True
-        part = slice(start, start + len(sequences))
-        layout: dict[str, torch.Tensor] = {"input_ids": input_ids, "logits_mask": logits_mask}
+        part = slice(start, rows.stop)
         if share_prompts:
             lengths = torch.tensor([len(rollout.completions[i].token_ids) for i in rows])
             layout = {**_shared_rows(rollout, rows, pad_id), "present": torch.arange(width)[None, :] < lengths[:, None]}
+        else:
+            layout = _episode_rows(rollout, rows, pad_id)
         batches.append(EpisodeBatch(
             **layout, targets=targets[part], mask=mask[part], advantages=per_token[part].float(),
             old_logps=old_logps[part] if old_logps is not None else None,

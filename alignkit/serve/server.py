@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import CheckpointError, ConfigError, UserError
 from alignkit.generation.cli import load_model
+from alignkit.model import DTYPES
 
 if TYPE_CHECKING:
     from alignkit.serve.worker import BatchWorker, SchedulerLike
@@ -115,8 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
     require_web_stack()
     import uvicorn
 
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype {args.dtype!r} is not one of float32, bfloat16, float16.")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}.")
     model, tokenizer = load_model(args.model, args.dtype, purpose="the server needs one to read prompts")
     name = args.served_model_name or default_model_name(args.model)
     app, worker = build_app(model, tokenizer, model_name=name, max_batch_size=args.max_batch_size,
