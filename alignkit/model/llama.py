@@ -34,10 +34,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) as HF's composite does, bit for bit (tested), in one call
+        # instead of five: a decode step runs 2 norms per layer on a few rows, where the calls are the cost.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -93,10 +92,12 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # HF's (non-interleaved) RoPE layout: the two halves of the head dim form the complex pairs.
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in HF's (non-interleaved) layout, where the two halves of the head dim form the complex
+    pairs: x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1). `sin` comes from `LlamaModel.rope`
+    with its first half negated, so rotate_half is a swap of the halves (one roll, no negation, no cat): the same
+    products, bit for bit, in 4 calls instead of 7."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -131,8 +132,8 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, NKV, L, D]
         groups = self.num_heads // self.num_kv_heads
@@ -271,12 +272,13 @@ class LlamaModel(nn.Module):
         return inv_freq
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, T, D] for integer positions [B, T], computed in fp32 then cast."""
+        """cos, sin [B, 1, T, D] for integer positions [B, T], computed in fp32 then cast; the first half of sin is
+        negated, the form `apply_rope` takes."""
         if self._inv_freq.device != position_ids.device:
             self._inv_freq = self._inv_freq.to(position_ids.device)
         freqs = position_ids[..., None].float() * self._inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     def forward(
         self,

@@ -159,3 +159,48 @@ def test_attention_kind_and_kv_bytes() -> None:
     assert smol.num_parameters() == 134_515_008
     assert tiny_config(num_kv_heads=1).attention_kind.startswith("multi-query")
     assert tiny_config(num_kv_heads=4).attention_kind.startswith("multi-head")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_rope_are_hf_composites_bit_for_bit(dtype: torch.dtype) -> None:
+    """RMSNorm (one F.rms_norm call) and RoPE (a roll with a pre-negated sin) give exactly the values and gradients
+    of HF's composites: the fp32 statistics of LlamaRMSNorm, and x * cos + rotate_half(x) * sin."""
+    from alignkit.model.llama import LlamaModel, RMSNorm, apply_rope
+
+    def hf_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(48).to(dtype) * 0.3)
+    x = (torch.randn(3, 5, 48) * 4).to(dtype)
+    grad = torch.randn(3, 5, 48).to(dtype)
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_w = norm.weight.detach().clone().requires_grad_()
+    ours, ref = norm(ours_x), hf_norm(ref_x, ref_w, 1e-5)
+    assert torch.equal(ours, ref)
+    (ours * grad).sum().backward()
+    (ref * grad).sum().backward()
+    assert torch.equal(ours_x.grad, ref_x.grad) and torch.equal(norm.weight.grad, ref_w.grad)
+
+    model = LlamaModel(tiny_config())
+    positions = torch.tensor([[0, 1, 2, 7, 300], [5, 6, 9, 10, 11]])
+    cos, sin = model.rope(positions, dtype)
+    inv_freq = model._inv_freq
+    emb = torch.cat([positions[..., None].float() * inv_freq] * 2, dim=-1)[:, None]
+    hf_cos, hf_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    assert torch.equal(cos, hf_cos)
+    q = torch.randn(2, 4, 5, cos.shape[-1]).to(dtype)
+    ours_q, ref_q = q.clone().requires_grad_(), q.clone().requires_grad_()
+    ours, ref = apply_rope(ours_q, cos, sin), ref_q * hf_cos + rotate_half(ref_q) * hf_sin
+    assert torch.equal(ours, ref)
+    grad = torch.randn_like(ref)
+    (ours * grad).sum().backward()
+    (ref * grad).sum().backward()
+    assert torch.equal(ours_q.grad, ref_q.grad)
