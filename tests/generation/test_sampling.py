@@ -15,6 +15,8 @@ from alignkit.generation.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    draw,
+    inverse_cdf,
     presence_mask,
     process_logits,
     sample,
@@ -149,6 +151,32 @@ def test_sampled_logprobs_and_frequencies() -> None:
         assert torch.allclose(sampling_logprob[where], log_expected[token].expand(int(where.sum())), atol=1e-6)
         raw = logits[0].log_softmax(-1)[token]
         assert torch.allclose(raw_logprob[where], raw.expand(int(where.sum())), atol=1e-6)
+
+
+def test_inverse_cdf_by_hand_and_at_the_edges() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).expand(7, 6)
+    # Running sums 0, .5, .5, .7, 1, 1: u selects the first index whose sum exceeds u.
+    uniform = torch.tensor([[0.0], [0.25], [0.4999], [0.5], [0.69], [0.7], [1 - 2**-53]], dtype=torch.float64)
+    assert inverse_cdf(probs, uniform).tolist() == [1, 1, 1, 3, 3, 4, 4]  # never a zero-probability token
+    # Rows need not sum to 1, and a u close enough to 1 that u * sum rounds up to the sum stays on the last
+    # positive token.
+    unnormalised = torch.tensor([[3.0, 0.0, 1.0, 0.0]])
+    assert inverse_cdf(unnormalised, torch.tensor([[1 - 2**-53]], dtype=torch.float64)).tolist() == [2]
+    assert inverse_cdf(unnormalised, torch.tensor([[0.75]], dtype=torch.float64)).tolist() == [2]
+    assert inverse_cdf(unnormalised, torch.tensor([[0.7499]], dtype=torch.float64)).tolist() == [0]
+
+
+def test_draw_frequencies_and_seeding() -> None:
+    probs = torch.softmax(torch.tensor([2.0, -1e9, 0.5, 1.0, -3.0, -1e9]), -1).expand(200_000, 6)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert counts[[1, 5]].sum().item() == 0.0
+    # Binomial standard error at p ~ 0.5 and n = 200k is ~0.0011: 0.006 is more than five of them.
+    assert torch.allclose(counts, probs[0].double(), atol=0.006)
+    again = draw(probs[:50], torch.Generator().manual_seed(0))
+    assert torch.equal(again, tokens[:50])  # one uniform per row, in row order: a seed fixes every draw
+    other = draw(probs[:50], torch.Generator().manual_seed(1))
+    assert not torch.equal(other, tokens[:50])
 
 
 def test_sampling_params_validation() -> None:
