@@ -159,8 +159,8 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of `probs` [B, V], drawn with `generator` (seeded: reproducible) by inverse-CDF sampling:
     one uniform number per row. `torch.multinomial` (what Hugging Face's `generate` uses) draws an exponential
-    number for every vocabulary entry instead, on one thread: 46 ms per decode step for 32 rows of a 49,152-token
-    vocabulary on a CPU core, against 5 ms here (docs/generation.md)."""
+    number for every vocabulary entry instead, on one thread: 53 ms per decode step for 32 rows of a 49,152-token
+    vocabulary on a 2-core CPU, against 1.3 ms here (docs/generation.md)."""
     uniform = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
     return inverse_cdf(probs, uniform)
 
