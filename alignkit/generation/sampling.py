@@ -182,15 +182,17 @@ def sample(
     raw logits at the chosen token. `banned` token ids get -inf in the processed logits (stop tokens before
     min_new_tokens).
     """
-    raw_logprobs = logits.float().log_softmax(dim=-1)
-    processed = process_logits(logits, params, presence)
+    logits = logits.float()
+    raw_logprobs = logits.log_softmax(dim=-1)
+    processed = process_logits(logits, params, presence)  # `logits` itself when no processor applies
     if banned:
         processed = processed.index_fill(-1, torch.tensor(banned, device=processed.device), float("-inf"))
     if params.greedy:
         tokens = processed.argmax(dim=-1)
         sampling_logprob = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     else:
-        sampling_logprobs = processed.log_softmax(dim=-1)
+        # Unprocessed (temperature 1, no filter, no penalty: what RL rollouts sample), the two distributions are one.
+        sampling_logprobs = raw_logprobs if processed is logits else processed.log_softmax(dim=-1)
         tokens = draw(sampling_logprobs.exp(), generator)
         sampling_logprob = sampling_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     raw_logprob = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)

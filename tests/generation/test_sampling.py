@@ -153,6 +153,20 @@ def test_sampled_logprobs_and_frequencies() -> None:
         assert torch.allclose(raw_logprob[where], raw.expand(int(where.sum())), atol=1e-6)
 
 
+def test_unprocessed_sampling_logprob_is_the_raw_one() -> None:
+    """At temperature 1 without filters or penalty the sampling distribution is the model's: the two log-probs of
+    every drawn token are equal, and bf16 logits give what their fp32 values give."""
+    logits = fixed_logits()
+    generator = torch.Generator().manual_seed(0)
+    tokens, sampling_logprob, raw_logprob = sample(logits.bfloat16(), SamplingParams(), generator)
+    assert torch.equal(sampling_logprob, raw_logprob)
+    expected = logits.bfloat16().float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.equal(raw_logprob, expected)
+    # A banned token (before min_new_tokens) makes them differ again.
+    _, banned_logprob, _ = sample(logits, SamplingParams(), torch.Generator().manual_seed(0), banned=[0])
+    assert not torch.equal(banned_logprob, sample(logits, SamplingParams(), torch.Generator().manual_seed(0))[2])
+
+
 def test_inverse_cdf_by_hand_and_at_the_edges() -> None:
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).expand(7, 6)
     # Running sums 0, .5, .5, .7, 1, 1: u selects the first index whose sum exceeds u.
