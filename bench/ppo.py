@@ -218,7 +218,7 @@ def threads() -> int:
 def alignkit_base(args: argparse.Namespace) -> dict[str, Any]:
     """What alignkit's PPO and GRPO sides share: model, data, optimizer, sampling, train section."""
     return {
-        "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
+        "model": {"path": args.model_dir, "gradient_checkpointing": harness.alignkit_checkpointing(args)},
         "data": {"train": args.data},
         "optim": {"lr": LR, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": None},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size, "max_steps": args.steps,
@@ -370,7 +370,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
                                                                                   dtype=torch.float32)
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1,
                                                                                    dtype=torch.float32)
-    if args.checkpointing == "on":  # PPOTrainer never turns it on itself (its train() bypasses Trainer's)
+    if harness.other_checkpointing(args, default=False):  # PPOTrainer never turns it on itself (its train() bypasses Trainer's)
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
     config = PPOConfig(
@@ -382,7 +382,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         whiten_rewards=False, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", num_sample_generations=0, logging_steps=1, save_strategy="no", report_to=[],
         bf16=args.precision == "bf16", use_cpu=args.device == "cpu",
-        gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
+        gradient_checkpointing=harness.other_checkpointing(args, default=False), dataloader_num_workers=0, seed=0,
         sft_model_path=args.model_dir, reward_model_path=args.reward_model,
     )
     times: list[float] = []

@@ -38,7 +38,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     from alignkit.trainers.preference_configs import RMConfig
 
     cfg = config_from_dict(RMConfig, {
-        "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
+        "model": {"path": args.model_dir, "gradient_checkpointing": harness.alignkit_checkpointing(args)},
         "data": {"train": args.data, "max_length": args.max_length, "packing": harness.packing(args), "truncation": "drop", "eval_size": 0,
                  "eval_fraction": 0.0},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
@@ -82,7 +82,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=args.work_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu", gradient_checkpointing=args.checkpointing == "on", dataloader_num_workers=0, seed=0,
+        use_cpu=args.device == "cpu", gradient_checkpointing=harness.other_checkpointing(args), dataloader_num_workers=0, seed=0,
     )
     times: list[float] = []
     trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,

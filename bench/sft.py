@@ -60,7 +60,7 @@ def run_alignkit(args: argparse.Namespace) -> dict[str, Any]:
     from alignkit.trainers.language import batching, load_examples
 
     cfg = config_from_dict(SFTConfig, {
-        "model": {"path": args.model_dir, "gradient_checkpointing": args.checkpointing == "on"},
+        "model": {"path": args.model_dir, "gradient_checkpointing": harness.alignkit_checkpointing(args)},
         "data": {"train": args.data, "format": "instruction", "max_length": args.max_length, "eval_size": 0,
                  "eval_fraction": 0.0, "packing": False},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "max_grad_norm": 1.0},
@@ -108,7 +108,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", max_steps=args.steps, logging_steps=1,
         save_strategy="no", report_to=[], bf16=args.precision == "bf16", use_cpu=args.device == "cpu", packing=False,
-        gradient_checkpointing=args.checkpointing == "on",
+        gradient_checkpointing=harness.other_checkpointing(args),
         completion_only_loss=True, dataloader_num_workers=0, seed=0,
     )
     counts: dict[str, list[int]] = {"targets": [], "totals": []}

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from alignkit.model.config import ModelConfig, llama3_inv_freq
 
@@ -254,7 +254,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | str = False  # False, True (every activation) or "selective"
         self._inv_freq = self._rope_inv_freq(config)  # fp32, kept out of state_dict and out of .to(dtype)
 
     @staticmethod
@@ -313,13 +313,47 @@ class LlamaModel(nn.Module):
             attention_mask=attention_mask, document_ids=document_ids,
         )
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing == "selective" and self.training:
+                x = checkpoint(_without_autocast_cache, layer, x, cos, sin, mask, kv_cache, use_reentrant=False,
+                               context_fn=_save_matmul_outputs)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         return self.norm(x)
+
+
+# Selective activation checkpointing keeps what is costly to recompute, the outputs of the matmuls and of attention
+# and the dtype casts (under autocast, the bf16 copies of the weights: casting them again is a pass over the
+# weights), and recomputes the rest of a layer (norms, RoPE, SiLU, products, residual adds) in backward.
+_SAVED_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_to_copy")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _saved_or_recomputed(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_matmul_outputs() -> tuple[object, object]:
+    return create_selective_checkpoint_contexts(_saved_or_recomputed)
+
+
+def _without_autocast_cache(layer: nn.Module, *args: object) -> torch.Tensor:
+    """Run `layer` with autocast's weight-cast cache off. Selective checkpointing replays a layer's ops one for one
+    in backward; a cast served from the cache in forward (a second forward of the same weights in one autocast
+    region) but run again in the replay would break that count. A layer uses each weight once, so nothing is lost."""
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        return layer(*args)
+    finally:
+        torch.set_autocast_cache_enabled(cached)
 
 
 class PreTrainedMixin:
@@ -362,8 +396,12 @@ class PreTrainedMixin:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each layer's activations in backward instead of storing them (memory for compute)."""
+    def set_gradient_checkpointing(self, enabled: bool | str = True) -> None:
+        """Recompute each layer's activations in backward instead of storing them (memory for compute): True keeps
+        only each layer's input; "selective" also keeps the outputs of its matmuls and attention and recomputes
+        only the cheap element-wise work."""
+        if enabled not in (True, False, "selective"):
+            raise ValueError(f"gradient checkpointing is True, False or 'selective'; got {enabled!r}.")
         self.model.gradient_checkpointing = enabled  # type: ignore[attr-defined]
 
 

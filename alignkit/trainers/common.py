@@ -109,7 +109,7 @@ def build_model(
     else:
         raise ConfigError("Set model.path (a model to fine-tune) or model.init (a ModelConfig to train from scratch).")
     if section.gradient_checkpointing:
-        model.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(section.gradient_checkpointing)
     return model, tokenizer
 
 

@@ -21,8 +21,10 @@ class ModelSection:
     init: dict[str, Any] | None = None
     # Dtype of the weights: float32 keeps fp32 master weights (use train.precision=bf16 for bf16 compute).
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Recompute each layer's activations in backward to save memory (about 30% more compute).
-    gradient_checkpointing: bool = False
+    # Recompute activations in backward to save memory: true keeps only each layer's input (about 30% more
+    # compute); selective also keeps the outputs of the layer's matmuls and attention and recomputes only the
+    # element-wise rest (norms, RoPE, SiLU): most of the memory saved at a fraction of the extra compute.
+    gradient_checkpointing: bool | Literal["selective"] = False
 
     def __post_init__(self) -> None:
         if self.path is not None and self.init is not None:

@@ -141,7 +141,7 @@ def build_critic(cfg: PPOConfig, policy: LlamaForCausalLM, tokenizer: Tokenizer,
                 "re-tokenises the text and stays correct)."
             )
         if cfg.model.gradient_checkpointing:
-            critic.set_gradient_checkpointing(True)
+            critic.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
         return critic, f"reward_model:{path}"
     critic = score_model_from_causal_lm(policy, head_init="zero")  # shares the policy's decoder...
     shared = {id(p): p for p in policy.parameters()} if cfg.lora.enabled else {}

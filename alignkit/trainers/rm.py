@@ -52,7 +52,7 @@ def build_reward_model(section: ModelSection, tokenizer: Tokenizer | None, *, de
             if tokenizer is None:
                 raise ConfigError(f"model.path {section.path} has no tokenizer.json; set `tokenizer` to a tokenizer path.")
             if section.gradient_checkpointing:
-                model.set_gradient_checkpointing(True)
+                model.set_gradient_checkpointing(section.gradient_checkpointing)
             return model, tokenizer
     lm, tokenizer = build_model(section, tokenizer, device=device)
     assert isinstance(lm, LlamaForCausalLM)

@@ -175,6 +175,22 @@ def small_sft(tmp_path: Path, overrides: list[str], *, records: int = 40) -> tup
     return recipe, overrides
 
 
+def test_selective_checkpointing_trains_like_no_checkpointing(tmp_path: Path) -> None:
+    """`model.gradient_checkpointing=selective` from the command line, with LoRA dropout (random masks that the
+    backward's recomputation must replay): the same losses, step by step, as without checkpointing."""
+    from alignkit.config import load_config
+
+    losses = {}
+    for mode in ("false", "selective"):
+        recipe, overrides = small_sft(tmp_path / mode, [f"model.gradient_checkpointing={mode}", "train.max_steps=3",
+                                                        "train.log_every=1", "lora.enabled=true", "lora.rank=4",
+                                                        "lora.dropout=0.2", "optim.lr=1e-2", "data.eval=null"])
+        cfg = load_config(SFTConfig, recipe, overrides)
+        assert cfg.model.gradient_checkpointing == {"false": False, "selective": "selective"}[mode]
+        losses[mode] = [r["loss"] for r in run("sft", cfg).metrics if "loss" in r]
+    assert len(losses["false"]) == 3 and losses["selective"] == losses["false"]
+
+
 def test_data_eval_null_holds_out_from_train(tmp_path: Path) -> None:
     # The recipe names a held-out file that is not there; data.eval=null on the command line clears it (it used to
     # become the file name 'null') and the run holds records out of data.train instead.
