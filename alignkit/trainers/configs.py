@@ -23,7 +23,8 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Recompute activations in backward to save memory: true keeps only each layer's input (about 30% more
     # compute); selective also keeps the outputs of the layer's matmuls and attention and recomputes only the
-    # element-wise rest (norms, RoPE, SiLU): most of the memory saved at a fraction of the extra compute.
+    # element-wise rest (norms, RoPE, SiLU): less memory saved, no matmul run twice, but eager mode's per-op
+    # overhead can eat the gain (it did on a 2-core CPU: docs/training.md).
     gradient_checkpointing: bool | Literal["selective"] = False
 
     def __post_init__(self) -> None:
