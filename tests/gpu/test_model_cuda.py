@@ -94,7 +94,7 @@ def lm_step_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: torch
     return loss
 
 
-def _check_gradients_match_cpu(device: str, *, gradient_checkpointing: bool) -> None:
+def _check_gradients_match_cpu(device: str, *, gradient_checkpointing: bool | str) -> None:
     model = make(gpu_config()).train()
     twin = copy.deepcopy(model).to(device).train()
     twin.set_gradient_checkpointing(gradient_checkpointing)
@@ -129,6 +129,6 @@ def test_bf16_on_cuda_stays_close_to_fp32() -> None:
     print(_check_bf16_close_to_fp32("cuda"))
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_fp32_gradients_on_cuda_equal_cpu(gradient_checkpointing: bool) -> None:
+@pytest.mark.parametrize("gradient_checkpointing", [False, True, "selective"], ids=["plain", "checkpointed", "selective"])
+def test_fp32_gradients_on_cuda_equal_cpu(gradient_checkpointing: bool | str) -> None:
     _check_gradients_match_cpu("cuda", gradient_checkpointing=gradient_checkpointing)
