@@ -167,6 +167,7 @@ def _convert(value: Any, tp: Any, *, key: str, source: str) -> Any:
 
     if isinstance(value, _OverrideText):
         value = _override_value(str(value), takes_str=tp is str or (origin in (Union, types.UnionType) and str in args))
+        source = "command line"  # the value came from `key=value`, whatever the recipe file
 
     if tp is Any:
         return _parse_overrides(value)

@@ -97,9 +97,12 @@ def test_unknown_key_in_yaml(tmp_path: Path) -> None:
         ("model.init=5", r"model\.init must be dict\[str, any\] \| None; got 5"),
     ],
 )
-def test_wrong_types_are_named(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_wrong_types_are_named(override: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^command line: " + message):
         load_config(SFTConfig, None, [override])
+    # With a recipe file, a bad override is still named as the command line's, not the file's.
+    with pytest.raises(ConfigError, match="^command line: " + message):
+        load_config(SFTConfig, write(tmp_path, "train:\n  max_steps: 10\n"), [override])
 
 
 def test_cross_field_checks() -> None:
