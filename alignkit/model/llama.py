@@ -315,7 +315,7 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing == "selective" and self.training:
                 x = checkpoint(_without_autocast_cache, layer, x, cos, sin, mask, kv_cache, use_reentrant=False,
-                               context_fn=_save_matmul_outputs)
+                               context_fn=_selective_checkpoint_contexts)
             elif self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
@@ -340,7 +340,7 @@ def _saved_or_recomputed(ctx: object, op: object, *args: object, **kwargs: objec
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _save_matmul_outputs() -> tuple[object, object]:
+def _selective_checkpoint_contexts() -> tuple[object, object]:
     return create_selective_checkpoint_contexts(_saved_or_recomputed)
 
 

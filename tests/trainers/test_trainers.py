@@ -175,11 +175,16 @@ def small_sft(tmp_path: Path, overrides: list[str], *, records: int = 40) -> tup
     return recipe, overrides
 
 
-def test_selective_checkpointing_trains_like_no_checkpointing(tmp_path: Path) -> None:
+def test_selective_checkpointing_trains_like_no_checkpointing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`model.gradient_checkpointing=selective` from the command line, with LoRA dropout (random masks that the
     backward's recomputation must replay): the same losses, step by step, as without checkpointing."""
+    import alignkit.model.llama as llama
     from alignkit.config import load_config
 
+    selective_layer_calls = []
+    run_layer = llama._without_autocast_cache
+    monkeypatch.setattr(llama, "_without_autocast_cache",
+                        lambda *args: selective_layer_calls.append(1) or run_layer(*args))
     losses = {}
     for mode in ("false", "selective"):
         recipe, overrides = small_sft(tmp_path / mode, [f"model.gradient_checkpointing={mode}", "train.max_steps=3",
@@ -189,6 +194,7 @@ def test_selective_checkpointing_trains_like_no_checkpointing(tmp_path: Path) ->
         assert cfg.model.gradient_checkpointing == {"false": False, "selective": "selective"}[mode]
         losses[mode] = [r["loss"] for r in run("sft", cfg).metrics if "loss" in r]
     assert len(losses["false"]) == 3 and losses["selective"] == losses["false"]
+    assert selective_layer_calls  # the selective run went through selective checkpointing (the plain one cannot)
 
 
 def test_data_eval_null_holds_out_from_train(tmp_path: Path) -> None:
