@@ -138,7 +138,7 @@ def test_failed_step_fails_its_requests_and_the_server_goes_on(caplog: pytest.Lo
 def test_client_that_hangs_up_frees_its_slot() -> None:
     """Over real HTTP: a streaming client that closes after the first event, and a non-streaming one that closes
     its socket while waiting, are both cancelled in the scheduler long before their answers would end."""
-    scheduler = ScriptedScheduler(reply=LONG_REPLY, step_delay=0.05)  # 40 words: 2 s per request
+    scheduler = ScriptedScheduler(reply=LONG_REPLY, step_delay=0.1)  # 40 words: 4 s per request
     app, worker = scripted_app(char_tokenizer(), scheduler)
     worker.start()
     try:
@@ -147,7 +147,7 @@ def test_client_that_hangs_up_frees_its_slot() -> None:
                 with client.stream("POST", "/v1/chat/completions", json=chat(40, stream=True)) as response:
                     assert response.status_code == 200
                     next(response.iter_lines())
-                assert wait_until(lambda: scheduler.cancelled == [1] and worker.held == 0, timeout=1.5)
+                assert wait_until(lambda: scheduler.cancelled == [1] and worker.held == 0, timeout=3)
 
             host, port = server.url.removeprefix("http://").split(":")
             body = json.dumps(chat(40)).encode()
@@ -155,7 +155,7 @@ def test_client_that_hangs_up_frees_its_slot() -> None:
                 raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                             b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
                 assert wait_until(lambda: 2 in scheduler.running, timeout=2)
-            assert wait_until(lambda: scheduler.cancelled == [1, 2] and worker.held == 0, timeout=1.5)
+            assert wait_until(lambda: scheduler.cancelled == [1, 2] and worker.held == 0, timeout=3)
             assert worker.completed == 0
     finally:
         worker.close()
