@@ -77,6 +77,38 @@ def test_left_padded_batch_matches_transformers() -> None:
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_converted_once_gives_the_boolean_masks_outputs_bit_for_bit(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A masked forward converts the boolean mask to SDPA's additive form once (`additive_mask`); every layer then
+    gets the values SDPA would have made from the boolean mask, so the logits are identical, padding and
+    gradients included."""
+    import alignkit.model.llama as llama
+
+    model = make(tiny_config(num_kv_heads=2)).to(dtype)
+    input_ids = torch.randint(0, 128, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :2] = 0
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        logits = model(input_ids, attention_mask=mask)
+        (logits.float() * torch.linspace(-1, 1, 128)).sum().backward()
+        return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    calls: list[torch.Tensor] = []
+    real_additive = llama.additive_mask
+    monkeypatch.setattr(llama, "additive_mask", lambda m, d: calls.append(m) or real_additive(m, d))
+    converted = run()
+    assert len(calls) == 1  # once per forward, not per layer
+    monkeypatch.setattr(llama, "additive_mask", lambda m, d: m)  # the boolean mask reaches SDPA as before
+    boolean = run()
+    assert torch.equal(converted[0], boolean[0]) and torch.equal(converted[1], boolean[1])
+    assert torch.isfinite(converted[0]).all()
+
+
 def test_kv_cache_decoding_equals_full_forward() -> None:
     model = make(tiny_config())
     input_ids = torch.randint(0, 128, (3, 20))
@@ -161,7 +193,7 @@ def test_attention_kind_and_kv_bytes() -> None:
     assert tiny_config(num_kv_heads=4).attention_kind.startswith("multi-head")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_norm_and_rope_are_hf_composites_bit_for_bit(dtype: torch.dtype) -> None:
     """RMSNorm (one F.rms_norm call) and RoPE (a roll with a pre-negated sin) give exactly the values and gradients
     of HF's composites: the fp32 statistics of LlamaRMSNorm, and x * cos + rotate_half(x) * sin."""
