@@ -139,6 +139,14 @@ def evaluate_task(
     return results
 
 
+def reported_metrics(task: Task) -> tuple[str, ...]:
+    """The metrics `evaluate_task` reports for a task, whatever its records: LAMBADA's acc and perplexity, acc
+    and acc_norm for the `choices` layout (acc alone where the task turns acc_norm off), acc for `partial`."""
+    if task.layout == "continuation":
+        return ("acc", "perplexity")
+    return ("acc", "acc_norm") if task.layout == "choices" and task.acc_norm else ("acc",)
+
+
 def _choice_result(task: Task, k: int, docs: list[Doc], pairs: list[list[tuple[str, str]]],
                    scores: list[list[Any]]) -> TaskResult:
     """acc (and acc_norm for the `choices` layout; with `partial` every option scores the same continuation,

@@ -103,10 +103,11 @@ def task_eval(section: EvalSection, tokenizer: Tokenizer, info: DistInfo,
     task's records with the model `generation_model()` yields, the metrics summed over all ranks:
 
     - `tasks`: questions answered greedily and checked; eval/<task>/accuracy is the share answered correctly;
-    - `icl_tasks`: few-shot multiple choice as `alignkit eval` scores it; eval/<task>/acc (and acc_norm).
+    - `icl_tasks`: few-shot tasks as `alignkit eval` scores them; eval/<task>/acc and acc_norm (multiple choice)
+      or acc and perplexity (LAMBADA).
 
     Every task file is read and checked here, before training starts."""
-    from alignkit.eval.harness import evaluate_task, prepare
+    from alignkit.eval.harness import evaluate_task, prepare, reported_metrics
     from alignkit.eval.tasks import Task, load_task
     from alignkit.eval.verifiable import load_problems, reward_check, verifiable_accuracy
 
@@ -134,16 +135,19 @@ def task_eval(section: EvalSection, tokenizer: Tokenizer, info: DistInfo,
                 out[f"eval/{name}/accuracy"] = float(correct[0] / correct[1].clamp(min=1))
             for task in icl_tasks:
                 num_scored = len(task.docs) - section.icl_shots
-                sums = {"acc": 0.0, "acc_norm": 0.0}
+                # Means weighted by each rank's count; perplexity = exp(-mean log-likelihood), so its log averages.
+                sums = {m: 0.0 for m in reported_metrics(task)}
                 if num_scored > 0:
                     (result,) = evaluate_task(model, tokenizer, task, [section.icl_shots],
                                               shot_pool=section.icl_shots)
-                    sums = {m: result.metrics[m] * num_scored for m in sums if m in result.metrics}
+                    sums = {m: (math.log(result.metrics[m]) if m == "perplexity" else result.metrics[m])
+                            * num_scored for m in sums}
                 names = sorted(sums)
                 total = dist.all_reduce_sum(torch.tensor([sums[m] for m in names] + [float(max(num_scored, 0))],
                                                          dtype=torch.float64))
                 for i, m in enumerate(names):
-                    out[f"eval/{task.name}/{m}"] = float(total[i] / total[-1].clamp(min=1))
+                    mean = float(total[i] / total[-1].clamp(min=1))
+                    out[f"eval/{task.name}/{m}"] = math.exp(mean) if m == "perplexity" else mean
         return out
 
     return evaluate
