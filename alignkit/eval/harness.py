@@ -165,7 +165,7 @@ def _choice_result(task: Task, k: int, docs: list[Doc], pairs: list[list[tuple[s
             "is_greedy": [s.is_greedy for s in item_scores],
             "prediction": pred, "gold": doc.gold, "acc": acc[-1],
         }
-        if task.layout == "choices" and task.acc_norm:
+        if "acc_norm" in reported_metrics(task):
             acc_norm.append(float(pred_norm == doc.gold))
             sample.update(prediction_norm=pred_norm, acc_norm=acc_norm[-1])
         samples.append(sample)
