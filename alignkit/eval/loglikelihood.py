@@ -11,7 +11,9 @@ every item, once per choice of every item. Here:
    A 4-D attention mask lets a choice see the shared part and itself, never another choice, and each choice's
    positions continue from the shared part, so every token sees exactly the keys, values and position it would
    see in its own sequence.
-3. Rows are sorted by width and batched, and the LM head runs only where a continuation token is predicted.
+3. Short rows are packed side by side into lines as wide as the widest row (first fit, widest first), so a
+   forward carries next to no padding; each row keeps its own positions and sees only itself. Lines are
+   batched, and the LM head runs only where a continuation token is predicted.
 
 The result equals scoring each `context + continuation` on its own up to float rounding (tests/eval check 1e-5 in
 fp32 against a plain forward per choice and against `transformers`).
@@ -177,18 +179,45 @@ def plan_rows(requests: Sequence[Sequence[TokenPair]], window: int) -> tuple[lis
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def _batches(rows: list[Row], batch_size: int, max_batch_tokens: int) -> list[list[Row]]:
-    """Rows sorted by width (widest first, so an out-of-memory batch comes first), cut into batches of at most
-    `batch_size` rows and `max_batch_tokens` keys (rows x (cached prefix + width))."""
-    # Rows that start after the cached prefix and rows of their own (start 0) never share a batch.
-    ordered = sorted(rows, key=lambda row: (row.start, -row.width))
-    batches: list[list[Row]] = []
-    for row in ordered:
-        if batches and batches[-1][0].start == row.start and len(batches[-1]) < batch_size and \
-                (len(batches[-1]) + 1) * (row.start + batches[-1][0].width) <= max_batch_tokens:
-            batches[-1].append(row)
+def _lines(rows: list[Row]) -> list[list[Row]]:
+    """Rows packed side by side into lines, first fit in order of decreasing width, each line at most as wide as
+    the widest row that starts at the same position (a line holds rows of one `start` only: they continue from
+    the same cached prefix). Without packing, a short item's row is padded to its batch's widest; packed, a
+    forward carries almost only real tokens, and no line is wider than a row already is (same memory)."""
+    lines: list[list[Row]] = []
+    for start in sorted({row.start for row in rows}):
+        group = sorted((row for row in rows if row.start == start), key=lambda row: -row.width)
+        capacity = group[0].width
+        room: list[int] = []  # free columns of each line of this group
+        first = len(lines)
+        for row in group:
+            for i, free in enumerate(room):
+                if row.width <= free:
+                    lines[first + i].append(row)
+                    room[i] -= row.width
+                    break
+            else:
+                lines.append([row])
+                room.append(capacity - row.width)
+    return lines
+
+
+def _line_width(line: list[Row]) -> int:
+    return sum(row.width for row in line)
+
+
+def _batches(lines: list[list[Row]], batch_size: int, max_batch_tokens: int) -> list[list[list[Row]]]:
+    """Lines sorted by width (widest first, so an out-of-memory batch comes first), cut into batches of at most
+    `batch_size` lines and `max_batch_tokens` keys (lines x (cached prefix + width))."""
+    # Lines that start after the cached prefix and lines of rows of their own (start 0) never share a batch.
+    ordered = sorted(lines, key=lambda line: (line[0].start, -_line_width(line)))
+    batches: list[list[list[Row]]] = []
+    for line in ordered:
+        if batches and batches[-1][0][0].start == line[0].start and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * (line[0].start + _line_width(batches[-1][0])) <= max_batch_tokens:
+            batches[-1].append(line)
         else:
-            batches.append([row])
+            batches.append([line])
     return batches
 
 
@@ -203,8 +232,9 @@ def score_requests(
     """Score every continuation of every request: `result[r][i]` is choice i of request r.
 
     A request is a list of (context ids, continuation ids), one per choice; its choices share their common
-    token prefix in one packed row, and the prefix common to all requests is computed once. `batch_size` rows
-    per forward at most, and at most `max_batch_tokens` keys per forward (rows x (cached prefix + row width)).
+    token prefix in one packed row, and the prefix common to all requests is computed once. Rows are packed
+    side by side into lines as wide as the widest row; `batch_size` lines per forward at most, and at most
+    `max_batch_tokens` keys per forward (lines x (cached prefix + line width)).
     """
     config = model.config
     window = config.max_position_embeddings
@@ -221,7 +251,7 @@ def score_requests(
         if prefix:
             prefix_cache = KVCache(config, batch_size=1, max_length=len(prefix), dtype=model.dtype, device=device)
             model.model(torch.tensor([prefix], device=device), kv_cache=prefix_cache)
-        for batch in _batches(rows, batch_size, max_batch_tokens):
+        for batch in _batches(_lines(rows), batch_size, max_batch_tokens):
             _score_batch(model, batch, prefix_cache, results)
     finally:
         model.train(was_training)
@@ -229,42 +259,47 @@ def score_requests(
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model: LlamaForCausalLM, batch: list[Row], prefix_cache: KVCache | None,
+def _score_batch(model: LlamaForCausalLM, batch: list[list[Row]], prefix_cache: KVCache | None,
                  results: list[list[Score | None]]) -> None:
-    """One forward over packed rows; fills `results` for each of their choices."""
+    """One forward over lines of packed rows; fills `results` for each of their choices."""
     device = model.device
-    width = max(row.width for row in batch)
-    past = batch[0].start  # tokens of the cached prefix in front of every row (0: rows of their own)
+    width = max(_line_width(line) for line in batch)
+    past = batch[0][0].start  # tokens of the cached prefix in front of every row (0: rows of their own)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     position_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    part = torch.full((len(batch), width), -1, dtype=torch.long)  # 0 shared, i + 1 suffix i, -1 padding
+    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # the row of the line; -1 padding
+    part = torch.zeros((len(batch), width), dtype=torch.long)  # 0 shared, i + 1 suffix of choice i
     sources: list[int] = []  # flat [B * T] index of the position that predicts each target
     targets: list[int] = []
     owners: list[tuple[int, int]] = []  # (request, choice) of each target
-    for b, row in enumerate(batch):
-        shared = row.shared
-        input_ids[b, : len(shared)] = torch.tensor(shared, dtype=torch.long)
-        position_ids[b, : len(shared)] = torch.arange(row.start, row.split)
-        part[b, : len(shared)] = 0
-        column = len(shared)
-        for i, choice in enumerate(row.choices):
-            suffix = row.suffix(choice)
-            input_ids[b, column : column + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-            # Each choice continues from the shared part: the positions its own sequence gives it.
-            position_ids[b, column : column + len(suffix)] = torch.arange(row.split, row.split + len(suffix))
-            part[b, column : column + len(suffix)] = i + 1
-            # Target token t (absolute position) is predicted at absolute position t - 1, which sits in the
-            # suffix at column (t - 1 - split).
-            for t in range(choice.num_context, len(choice.tokens)):
-                sources.append(b * width + column + (t - 1 - row.split))
-                targets.append(choice.tokens[t])
-                owners.append((choice.request, choice.choice))
-            column += len(suffix)
-    # Causal inside the row; a suffix sees the shared part and itself; padding sees only itself (no NaN rows).
+    for b, line in enumerate(batch):
+        column = 0
+        for j, row in enumerate(line):
+            shared = row.shared
+            input_ids[b, column : column + len(shared)] = torch.tensor(shared, dtype=torch.long)
+            position_ids[b, column : column + len(shared)] = torch.arange(row.start, row.split)
+            segment[b, column : column + row.width] = j
+            column += len(shared)
+            for i, choice in enumerate(row.choices):
+                suffix = row.suffix(choice)
+                input_ids[b, column : column + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                # Each choice continues from the shared part: the positions its own sequence gives it.
+                position_ids[b, column : column + len(suffix)] = torch.arange(row.split, row.split + len(suffix))
+                part[b, column : column + len(suffix)] = i + 1
+                # Target token t (absolute position) is predicted at absolute position t - 1, which sits in the
+                # suffix at column (t - 1 - split).
+                for t in range(choice.num_context, len(choice.tokens)):
+                    sources.append(b * width + column + (t - 1 - row.split))
+                    targets.append(choice.tokens[t])
+                    owners.append((choice.request, choice.choice))
+                column += len(suffix)
+    # Causal inside a row and never across rows; a suffix sees its row's shared part and itself; padding sees
+    # only itself (no NaN rows).
     index = torch.arange(width)
     causal = index[None, :] <= index[:, None]
     part_q, part_k = part[:, :, None], part[:, None, :]
-    visible = causal & ((part_k == 0) | (part_k == part_q)) & (part_q >= 0)
+    segment_q, segment_k = segment[:, :, None], segment[:, None, :]
+    visible = causal & (segment_k == segment_q) & (segment_q >= 0) & ((part_k == 0) | (part_k == part_q))
     visible |= torch.eye(width, dtype=torch.bool)
     cache = None
     if past:

@@ -10,7 +10,7 @@ import torch
 
 from alignkit.checkpoint.hf import save_hf_model
 from alignkit.errors import DataError
-from alignkit.eval.loglikelihood import encode_pairs, plan_rows, score_requests
+from alignkit.eval.loglikelihood import _lines, encode_pairs, plan_rows, score_requests
 from tests.eval.icl_helpers import char_tokenizer, plain_loglikelihood, tiny_model
 from tests.tokenizer.helpers import tiny_tokenizer
 
@@ -106,6 +106,28 @@ def test_batch_size_and_token_budget_do_not_change_the_scores() -> None:
         for x, y, z in zip(a, b, c):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-5) == pytest.approx(z.logprob, abs=1e-5)
             assert x.is_greedy == y.is_greedy == z.is_greedy
+
+
+def test_short_rows_share_a_line_no_wider_than_the_widest_row_and_the_scores_stay_exact() -> None:
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(1, 128, (n,), generator=g).tolist()
+
+    # One wide item and many narrow ones, with no common prefix (the 0-shot case): unpacked, every narrow row
+    # would be padded to the wide one's width.
+    requests = [[(tokens(30), tokens(6)), (tokens(30), tokens(5))]]
+    requests += [[(tokens(3), tokens(2)) for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
+                 for _ in range(12)]
+    prefix, rows = plan_rows(requests, window=256)
+    lines = _lines(rows)
+    widest = max(row.width for row in rows)
+    assert sorted(id(row) for line in lines for row in line) == sorted(id(row) for row in rows)
+    assert all(sum(row.width for row in line) <= widest for line in lines)
+    assert len(lines) < len(rows) / 3  # the narrow rows share lines
+    for batch_size in (1, 2, 64):
+        assert_matches_plain(model, requests, score_requests(model, requests, batch_size=batch_size))
 
 
 def test_items_wider_than_the_window_split_into_rows_and_long_sequences_are_left_truncated() -> None:
