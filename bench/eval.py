@@ -336,7 +336,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=500, help="records scored per task after the shot pool")
     p.add_argument("--shot-pool", type=int, default=None, help="the first K records are the shots (default: "
                    "the largest shot count)")
-    p.add_argument("--batch-size", type=int, default=16, help="alignkit's --batch-size (items per forward)")
+    p.add_argument("--batch-size", type=int, default=16, help="alignkit's --batch-size (packed lines per forward)")
     p.add_argument("--lm-eval-batch-size", type=int, default=16, help="lm-eval's --batch_size (sequences per "
                    "forward)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")

@@ -68,7 +68,8 @@ def add_eval_command(subparsers: Any) -> None:
                         "largest shot count); fix it to compare runs with different --shots on the same records")
     parser.add_argument("--output", default=None, help="output folder (default: runs/eval/<model name>)")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="items per forward (each item packs all its choices in one row; default 16)")
+                        help="packed lines per forward (an item is one row with all its choices; short rows share a "
+                        "line; default 16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--data-dir", default=None,
