@@ -188,17 +188,18 @@ def _lines(rows: list[Row]) -> list[list[Row]]:
     for start in sorted({row.start for row in rows}):
         group = sorted((row for row in rows if row.start == start), key=lambda row: -row.width)
         capacity = group[0].width
-        room: list[int] = []  # free columns of each line of this group
-        first = len(lines)
+        packed: list[list[Row]] = []
+        room: list[int] = []  # free columns of each line in `packed`
         for row in group:
             for i, free in enumerate(room):
                 if row.width <= free:
-                    lines[first + i].append(row)
+                    packed[i].append(row)
                     room[i] -= row.width
                     break
             else:
-                lines.append([row])
+                packed.append([row])
                 room.append(capacity - row.width)
+        lines += packed
     return lines
 
 
